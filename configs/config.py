@@ -1,0 +1,314 @@
+"""Loading, translating and validating configurations.
+
+One path for every entry point: defaults -> YAML file -> command-line ``KEY VALUE`` pairs ->
+``validate_cfg`` -> ``freeze``. The loader accepts every YAML of the official CLIP-ReID
+repository unchanged: legacy booleans ('on'/'off', 'yes'/'no') become real booleans, an empty
+``DATASETS:`` block is ignored, keys the official code never reads are dropped with one warning,
+and the flat ``SOLVER`` block of the baseline YAMLs is read as stage 2 of a baseline run.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode as CN
+
+from configs.defaults import (
+    CHOICES,
+    FLAT_SOLVER_KEYS,
+    LEGACY_KEYS,
+    VEHICLE_DATASETS,
+    get_cfg_defaults,
+)
+
+logger = logging.getLogger(__name__)
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class ConfigError(ValueError):
+    """A configuration file, key or value is invalid; the message says what to change."""
+
+
+def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested mapping into ``{'A.B.C': value}``."""
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def _all_keys(cfg: CN) -> list[str]:
+    return list(_flatten(_to_dict(cfg)).keys())
+
+
+def _to_dict(cfg: CN) -> dict:
+    return {k: _to_dict(v) if isinstance(v, CN) else v for k, v in cfg.items()}
+
+
+def _decode(value: Any) -> Any:
+    """Decode a string the way yacs does: a Python literal when it parses as one."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Convert ``value`` to the type of ``default`` or raise a ConfigError naming key and source."""
+    value = _decode(value)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if key == "DATASETS.NAMES" and isinstance(value, str):
+            return [value]
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    raise ConfigError(
+        f"{source}: {key} = {value!r} has type {type(value).__name__}, "
+        f"expected {type(default).__name__} like the default {default!r}"
+    )
+
+
+def _closest(key: str, keys: Sequence[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    near += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in near]
+    near += [k for k in difflib.get_close_matches(leaf, keys, n=3, cutoff=0.5) if k not in near]
+    return ", ".join(near[:4]) if near else "none"
+
+
+def _translate(flat: dict[str, Any], source: str, legacy: dict[str, Any]) -> dict[str, Any]:
+    """Map official spellings to this project's keys; collect legacy keys into ``legacy``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key in LEGACY_KEYS:
+            legacy[key] = value
+            continue
+        parts = key.split(".")
+        if len(parts) == 2 and parts[0] == "SOLVER" and parts[1] in FLAT_SOLVER_KEYS:
+            key = f"SOLVER.STAGE2.{parts[1]}"
+            out.setdefault("__flat_solver__", True)
+        out[key] = value
+    return out
+
+
+def _check_legacy_values(legacy: dict[str, Any], source: str) -> None:
+    metric = str(legacy.get("MODEL.METRIC_LOSS_TYPE", "triplet"))
+    if "center" in metric:
+        raise ConfigError(
+            f"{source}: MODEL.METRIC_LOSS_TYPE = {metric!r}: center loss is not provided "
+            "(the official code never applies it); use 'triplet'"
+        )
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path!r} (check --config_file)")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {data!r}")
+    # An empty section (e.g. the official YAMLs' bare 'DATASETS:') is YAML null: nothing to set.
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def _opts_to_flat(opts: Sequence[str]) -> dict[str, Any]:
+    if len(opts) % 2:
+        raise ConfigError(
+            f"command-line overrides come in KEY VALUE pairs; got an odd count: {list(opts)}"
+        )
+    return {opts[i]: opts[i + 1] for i in range(0, len(opts), 2)}
+
+
+def _merge(cfg: CN, flat: dict[str, Any], source: str) -> None:
+    keys = _all_keys(cfg)
+    for key, value in flat.items():
+        if key == "__flat_solver__":
+            continue
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, CN) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if node is None or not isinstance(node, CN) or parts[-1] not in node:
+            raise ConfigError(f"{source}: unknown key {key!r}; closest valid keys: {_closest(key, keys)}")
+        default = node[parts[-1]]
+        if isinstance(default, CN):
+            raise ConfigError(f"{source}: {key!r} is a section, not a key; set its children")
+        node[parts[-1]] = _coerce(key, value, default, source)
+
+
+def _resolve(cfg: CN, explicit: set[str]) -> None:
+    """Fill keys whose default depends on others (recorded in the saved config.yaml)."""
+    if not cfg.MODEL.PROMPT_CLASS:
+        names = list(cfg.DATASETS.NAMES)
+        vehicle = all(n in VEHICLE_DATASETS for n in names) or (
+            names == ["synthetic"] and cfg.DATASETS.SYNTHETIC.MODE == "vehicle"
+        )
+        cfg.MODEL.PROMPT_CLASS = "vehicle" if vehicle else "person"
+
+
+def validate_cfg(cfg: CN) -> None:
+    """Check choices and cross-key constraints.
+
+    Args:
+        cfg: a merged configuration.
+
+    Raises:
+        ConfigError: naming the key, its value and the valid values or what to change.
+    """
+    for key, allowed in CHOICES.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node not in allowed:
+            near = difflib.get_close_matches(str(node), [str(a) for a in allowed], n=1, cutoff=0.4)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"{key} = {node!r} is not valid{hint}; valid values: {list(allowed)}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", cfg.MODEL.DEVICE):
+        raise ConfigError(
+            f"MODEL.DEVICE = {cfg.MODEL.DEVICE!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        )
+    if not cfg.DATASETS.NAMES:
+        raise ConfigError("DATASETS.NAMES is empty: name at least one dataset")
+    for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
+        value = cfg[key.split(".")[0]][key.split(".")[1]]
+        if len(value) != 2 or any(int(v) <= 0 for v in value):
+            raise ConfigError(f"{key} = {list(value)}: expected two positive integers [H, W]")
+    grid = [
+        [(int(s[i]) - 16) // int(cfg.MODEL.STRIDE_SIZE[i]) + 1 for i in range(2)]
+        for s in (cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_TEST)
+    ]
+    if grid[0] != grid[1]:
+        raise ConfigError(
+            f"INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)} and INPUT.SIZE_TEST "
+            f"{list(cfg.INPUT.SIZE_TEST)} give different token grids {grid[0]} vs {grid[1]} with "
+            f"MODEL.STRIDE_SIZE {list(cfg.MODEL.STRIDE_SIZE)}; make them equal"
+        )
+    for stage in ("STAGE1", "STAGE2"):
+        if cfg.SOLVER[stage].IMS_PER_BATCH <= 0 or cfg.SOLVER[stage].MAX_EPOCHS < 0:
+            raise ConfigError(f"SOLVER.{stage}: IMS_PER_BATCH must be > 0 and MAX_EPOCHS >= 0")
+    k = cfg.DATALOADER.NUM_INSTANCE
+    if cfg.DATALOADER.SAMPLER == "softmax_triplet" and (
+        k < 2 or cfg.SOLVER.STAGE2.IMS_PER_BATCH % k
+    ):
+        raise ConfigError(
+            f"SOLVER.STAGE2.IMS_PER_BATCH = {cfg.SOLVER.STAGE2.IMS_PER_BATCH} must be a multiple "
+            f"of DATALOADER.NUM_INSTANCE = {k} (>= 2) for P x K batches"
+        )
+    bad = sorted(set(cfg.SOLVER.STAGE2.TEXT_LOSSES) - {"i2tce", "i2t", "t2i"})
+    if bad:
+        raise ConfigError(
+            f"SOLVER.STAGE2.TEXT_LOSSES has unknown entries {bad}; valid: 'i2tce', 'i2t', 't2i'"
+        )
+    if "{ctx}" not in cfg.MODEL.PROMPT_TEMPLATE:
+        raise ConfigError(
+            f"MODEL.PROMPT_TEMPLATE = {cfg.MODEL.PROMPT_TEMPLATE!r} needs a '{{ctx}}' placeholder "
+            "for the learnable tokens"
+        )
+    if cfg.MODEL.PROMPT_N_CTX < 1:
+        raise ConfigError(f"MODEL.PROMPT_N_CTX = {cfg.MODEL.PROMPT_N_CTX}: must be at least 1")
+    if cfg.SOLVER.STAGE2.EVAL_PERIOD < 1 or cfg.SOLVER.STAGE2.CHECKPOINT_PERIOD < 1:
+        raise ConfigError("SOLVER.STAGE2.EVAL_PERIOD and CHECKPOINT_PERIOD must be >= 1")
+    if cfg.SOLVER.STAGE1.CHECKPOINT_PERIOD < 1:
+        raise ConfigError("SOLVER.STAGE1.CHECKPOINT_PERIOD must be >= 1")
+
+
+def load_cfg(
+    config_file: str | None = None, opts: Sequence[str] = (), freeze: bool = True
+) -> CN:
+    """Build the run configuration: defaults, then the YAML file, then ``KEY VALUE`` overrides.
+
+    Args:
+        config_file: path of a YAML file (this project's or an official CLIP-ReID one), or None.
+        opts: flat list ``[KEY, VALUE, KEY, VALUE, ...]`` of command-line overrides.
+        freeze: freeze the result (entry scripts do; tests may want it mutable).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: unknown key (with the closest valid keys), wrong type, invalid choice.
+    """
+    cfg = get_cfg_defaults()
+    legacy: dict[str, Any] = {}
+    explicit: set[str] = set()
+    layers = []
+    if config_file:
+        layers.append((_flatten(_read_yaml(config_file)), config_file))
+    if opts:
+        layers.append((_opts_to_flat(list(opts)), "command line"))
+    for flat, source in layers:
+        translated = _translate(flat, source, legacy)
+        _check_legacy_values(legacy, source)
+        if translated.pop("__flat_solver__", False) and "MODEL.METHOD" not in translated:
+            # A flat SOLVER block is the official baseline recipe (train.py): one stage.
+            if "MODEL.METHOD" not in explicit:
+                translated["MODEL.METHOD"] = "baseline"
+        _merge(cfg, translated, source)
+        explicit |= set(translated)
+    if legacy:
+        logger.warning(
+            "ignored %d key(s) that the official code defines but never reads: %s",
+            len(legacy),
+            "; ".join(f"{k} ({LEGACY_KEYS[k]})" for k in sorted(legacy)),
+        )
+    _resolve(cfg, explicit)
+    validate_cfg(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def save_cfg(cfg: CN, path: str) -> None:
+    """Write the resolved configuration as YAML (loadable again with ``load_cfg``).
+
+    Args:
+        cfg: the configuration to save.
+        path: destination file; its folder is created.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(cfg.dump())
+    os.replace(tmp, path)
