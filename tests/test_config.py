@@ -1,0 +1,131 @@
+"""Configuration loading: official YAMLs, legacy values, errors and the saved config."""
+
+import glob
+import logging
+import os
+
+import pytest
+import yaml
+
+from configs.config import ConfigError, _flatten, _to_dict, load_cfg, save_cfg
+from configs.defaults import CHOICES, LEGACY_KEYS, get_cfg_defaults
+from tests.conftest import OFFICIAL_CONFIGS
+
+OFFICIAL = sorted(glob.glob(os.path.join(OFFICIAL_CONFIGS, "*", "*.yml")))
+
+
+def test_official_yamls_are_present():
+    assert len(OFFICIAL) == 12
+
+
+@pytest.mark.parametrize("path", OFFICIAL, ids=lambda p: "/".join(p.split(os.sep)[-2:]))
+def test_every_official_yaml_loads_with_its_values(path):
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    cfg = load_cfg(path, ["DATASETS.NAMES", "market1501"])
+    assert cfg.MODEL.NAME == raw["MODEL"]["NAME"]
+    assert list(cfg.INPUT.SIZE_TRAIN) == raw["INPUT"]["SIZE_TRAIN"]
+    assert list(cfg.INPUT.PIXEL_MEAN) == raw["INPUT"]["PIXEL_MEAN"]
+    assert cfg.MODEL.IF_LABELSMOOTH is (raw["MODEL"]["IF_LABELSMOOTH"] == "on")
+    assert cfg.TEST.FEAT_NORM is True and cfg.TEST.NECK_FEAT == "before"
+    solver = raw["SOLVER"]
+    if "STAGE2" in solver:
+        assert cfg.MODEL.METHOD == "clipreid"
+        s2 = solver["STAGE2"]
+        assert cfg.SOLVER.STAGE1.MAX_EPOCHS == solver["STAGE1"]["MAX_EPOCHS"]
+        assert cfg.SOLVER.STAGE1.LR_MIN == pytest.approx(float(solver["STAGE1"]["LR_MIN"]))
+    else:
+        assert cfg.MODEL.METHOD == "baseline"
+        s2 = solver
+    assert cfg.SOLVER.STAGE2.BASE_LR == pytest.approx(float(s2["BASE_LR"]))
+    assert list(cfg.SOLVER.STAGE2.STEPS) == s2["STEPS"]
+    assert cfg.SOLVER.STAGE2.WARMUP_FACTOR == pytest.approx(float(s2["WARMUP_FACTOR"]))
+    assert cfg.SOLVER.STAGE2.BIAS_LR_FACTOR == pytest.approx(2.0)
+    assert cfg.MODEL.ID_LOSS_WEIGHT == pytest.approx(raw["MODEL"]["ID_LOSS_WEIGHT"])
+
+
+def test_official_yaml_dataset_from_command_line_and_vehicle_prompt():
+    path = os.path.join(OFFICIAL_CONFIGS, "veri", "vit_prom.yml")
+    cfg = load_cfg(path, ["DATASETS.NAMES", "veri", "DATASETS.ROOT_DIR", "/d"])
+    assert list(cfg.DATASETS.NAMES) == ["veri"] and cfg.DATASETS.ROOT_DIR == "/d"
+    assert cfg.MODEL.PROMPT_CLASS == "vehicle"
+    assert load_cfg(None, ["DATASETS.NAMES", "msmt17"]).MODEL.PROMPT_CLASS == "person"
+
+
+def test_legacy_keys_are_dropped_with_one_warning(caplog):
+    path = os.path.join(OFFICIAL_CONFIGS, "person", "vit_clipreid.yml")
+    with caplog.at_level(logging.WARNING):
+        load_cfg(path)
+    msgs = [r.getMessage() for r in caplog.records if "never reads" in r.getMessage()]
+    assert len(msgs) == 1
+    assert "MODEL.PRETRAIN_CHOICE" in msgs[0] and "TEST.EVAL" in msgs[0]
+    defined = set(_flatten(_to_dict(get_cfg_defaults())))
+    assert not defined & set(LEGACY_KEYS), "a legacy key is also a live key"
+
+
+@pytest.mark.parametrize(
+    "value,expected", [("no", False), ("'no'", False), ("yes", True), ("off", False), ("True", True)]
+)
+def test_legacy_boolean_strings_become_booleans(value, expected):
+    cfg = load_cfg(None, ["TEST.FEAT_NORM", value])
+    assert cfg.TEST.FEAT_NORM is expected
+
+
+def test_unknown_key_names_closest_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load_cfg(None, ["MODEL.SIE_CAMRA", "True"])
+    assert "MODEL.SIE_CAMERA" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_cfg(None, ["SOLVER.STAGE2.BASE_LRR", "1e-3"])
+    assert "SOLVER.STAGE2.BASE_LR" in str(err.value)
+
+
+def test_invalid_choice_lists_valid_values():
+    with pytest.raises(ConfigError) as err:
+        load_cfg(None, ["MODEL.NAME", "resnet50"])
+    msg = str(err.value)
+    for name in CHOICES["MODEL.NAME"]:
+        assert name in msg
+
+
+def test_type_errors_and_pairs():
+    with pytest.raises(ConfigError, match="SOLVER.STAGE2.STEPS"):
+        load_cfg(None, ["SOLVER.STAGE2.STEPS", "abc"])
+    with pytest.raises(ConfigError, match="pairs"):
+        load_cfg(None, ["MODEL.NAME"])
+    cfg = load_cfg(None, ["SOLVER.STAGE2.BIAS_LR_FACTOR", "3", "MODEL.STRIDE_SIZE", "[12, 12]"])
+    assert isinstance(cfg.SOLVER.STAGE2.BIAS_LR_FACTOR, float)
+    assert list(cfg.MODEL.STRIDE_SIZE) == [12, 12]
+
+
+def test_grid_mismatch_between_train_and_test_size():
+    with pytest.raises(ConfigError, match="INPUT.SIZE_TEST"):
+        load_cfg(None, ["INPUT.SIZE_TEST", "[384, 128]"])
+
+
+def test_center_loss_is_refused():
+    with pytest.raises(ConfigError, match="center"):
+        load_cfg(None, ["MODEL.METRIC_LOSS_TYPE", "triplet_center"])
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_cfg(None, ["DATASETS.NAMES", "['market1501', 'dukemtmc']", "TEST.FEAT_NORM", "no"])
+    path = str(tmp_path / "run" / "config.yaml")
+    save_cfg(cfg, path)
+    again = load_cfg(path)
+    assert again == cfg
+    assert list(again.DATASETS.NAMES) == ["market1501", "dukemtmc"]
+
+
+def test_defaults_is_a_fresh_clone():
+    a = get_cfg_defaults()
+    a.MODEL.NAME = "RN50"
+    assert get_cfg_defaults().MODEL.NAME == "ViT-B-16"
+
+
+def test_every_key_has_a_comment():
+    src = open(os.path.join(os.path.dirname(__file__), "..", "configs", "defaults.py")).read()
+    lines = src.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("_C.") and " = " in line and "CN()" not in line:
+            assert lines[i - 1].lstrip().startswith("#"), f"no comment above: {line}"
