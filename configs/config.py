@@ -150,6 +150,20 @@ def _read_yaml(path: str) -> dict:
     return {k: v for k, v in data.items() if v is not None}
 
 
+def _file_layers(path: str, seen: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:
+    """A YAML file and the files it inherits from with ``_BASE_`` (base first)."""
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError(f"{path}: _BASE_ inheritance loops back to itself")
+    data = _read_yaml(path)
+    base = data.pop("_BASE_", None)
+    layers = []
+    if base:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        layers = _file_layers(base_path, (*seen, real))
+    return [*layers, (_flatten(data), path)]
+
+
 def _opts_to_flat(opts: Sequence[str]) -> dict[str, Any]:
     if len(opts) % 2:
         raise ConfigError(
@@ -275,7 +289,7 @@ def load_cfg(
     explicit: set[str] = set()
     layers = []
     if config_file:
-        layers.append((_flatten(_read_yaml(config_file)), config_file))
+        layers.extend(_file_layers(config_file))
     if opts:
         layers.append((_opts_to_flat(list(opts)), "command line"))
     for flat, source in layers:

@@ -129,3 +129,13 @@ def test_every_key_has_a_comment():
     for i, line in enumerate(lines):
         if line.startswith("_C.") and " = " in line and "CN()" not in line:
             assert lines[i - 1].lstrip().startswith("#"), f"no comment above: {line}"
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "base.yml").write_text("MODEL:\n  NAME: RN50\n  SIE_COE: 1.0\n")
+    (tmp_path / "child.yml").write_text("_BASE_: base.yml\nMODEL:\n  SIE_COE: 2.0\n")
+    cfg = load_cfg(str(tmp_path / "child.yml"))
+    assert cfg.MODEL.NAME == "RN50" and cfg.MODEL.SIE_COE == 2.0
+    (tmp_path / "loop.yml").write_text("_BASE_: loop.yml\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_cfg(str(tmp_path / "loop.yml"))
