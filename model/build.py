@@ -1,0 +1,117 @@
+"""``build_model``: the one place that turns config keys into a ``ReIDModel``."""
+
+from __future__ import annotations
+
+import logging
+
+from yacs.config import CfgNode
+
+from model.clip.arch import create_clip, get_arch
+from model.clip.vision import resnet_grid, vit_grid
+from model.prompt_learner import format_prompt_template
+from model.reid_model import ReIDModel
+from model.weights import create_pretrained_clip, uses_quick_gelu
+
+__all__ = ["build_model"]
+
+logger = logging.getLogger(__name__)
+
+METHODS_WITH_TEXT = ("clipreid", "clipreid_one_stage")
+METHODS = (*METHODS_WITH_TEXT, "baseline")
+
+
+def build_model(
+    cfg: CfgNode,
+    num_classes: int,
+    num_cameras: int,
+    num_views: int,
+    *,
+    load_pretrained: bool = True,
+) -> ReIDModel:
+    """Build the ReID model described by a config, with its pretrained CLIP weights.
+
+    Reads MODEL.NAME, MODEL.METHOD, MODEL.STRIDE_SIZE, MODEL.SIE_CAMERA, MODEL.SIE_VIEW,
+    MODEL.SIE_COE, MODEL.SIE_MODE, MODEL.PRETRAIN_PATH, MODEL.PRETRAIN_TAG,
+    MODEL.PROMPT_TEMPLATE, MODEL.PROMPT_CLASS, MODEL.PROMPT_N_CTX, INPUT.SIZE_TRAIN,
+    INPUT.SIZE_TEST and TEST.NECK_FEAT.
+
+    Args:
+        cfg: the (validated) config.
+        num_classes: number C of training identities.
+        num_cameras: number of training cameras (SIE table rows).
+        num_views: number of training viewpoints (SIE table rows).
+        load_pretrained: False skips the CLIP weights (random towers with the activation of
+            MODEL.PRETRAIN_TAG), e.g. when a full ReID checkpoint is loaded right after.
+
+    Returns:
+        A ``ReIDModel`` on the CPU in training mode, all parameters trainable except the BNNeck
+        biases (call ``set_trainable`` for a stage).
+
+    Raises:
+        ValueError: an invalid value; the message names the key.
+    """
+    m = cfg.MODEL
+    arch = get_arch(m.NAME)
+    if m.METHOD not in METHODS:
+        raise ValueError(f"MODEL.METHOD must be one of {METHODS}, got {m.METHOD!r}")
+    size_train = (int(cfg.INPUT.SIZE_TRAIN[0]), int(cfg.INPUT.SIZE_TRAIN[1]))
+    size_test = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
+    stride = (int(m.STRIDE_SIZE[0]), int(m.STRIDE_SIZE[1]))
+    if arch.kind == "vit":
+        grid_train = vit_grid(size_train, arch.vision_patch_size, stride)
+        grid_test = vit_grid(size_test, arch.vision_patch_size, stride)
+    else:
+        grid_train, grid_test = resnet_grid(size_train), resnet_grid(size_test)
+    if grid_train != grid_test:
+        raise ValueError(
+            f"INPUT.SIZE_TEST {list(size_test)} gives a {grid_test[0]}x{grid_test[1]} grid but "
+            f"INPUT.SIZE_TRAIN {list(size_train)} gives {grid_train[0]}x{grid_train[1]} with "
+            f"MODEL.STRIDE_SIZE {list(stride)}; the positional embedding fits one grid only, so "
+            f"set INPUT.SIZE_TEST to {list(size_train)}"
+        )
+
+    with_text = m.METHOD in METHODS_WITH_TEXT
+    class_word = m.PROMPT_CLASS
+    if with_text and not class_word:
+        logger.warning("MODEL.PROMPT_CLASS is empty; using 'person'")
+        class_word = "person"
+    template = format_prompt_template(m.PROMPT_TEMPLATE, int(m.PROMPT_N_CTX), class_word)
+
+    if load_pretrained:
+        clip_model = create_pretrained_clip(arch, m.PRETRAIN_TAG, m.PRETRAIN_PATH)
+    else:
+        clip_model = create_clip(arch, quick_gelu=uses_quick_gelu(arch, m.PRETRAIN_TAG or "none"))
+    model = ReIDModel(
+        clip_model,
+        arch,
+        num_classes,
+        size_train,
+        stride=stride,
+        num_cameras=num_cameras,
+        num_views=num_views,
+        sie_camera=bool(m.SIE_CAMERA),
+        sie_view=bool(m.SIE_VIEW),
+        sie_coe=float(m.SIE_COE),
+        sie_mode=m.SIE_MODE,
+        neck_feat=cfg.TEST.NECK_FEAT,
+        with_text=with_text,
+        prompt_template=template,
+        n_ctx=int(m.PROMPT_N_CTX),
+    )
+    enc = model.image_encoder
+    logger.info(
+        "Built %s (%s): %dx%d grid (%d tokens) for %dx%d input, eval feature %d-d, %d identities%s",
+        arch.name,
+        m.METHOD,
+        enc.grid[0],
+        enc.grid[1],
+        enc.num_tokens,
+        size_train[0],
+        size_train[1],
+        model.feat_dim,
+        num_classes,
+        f", SIE {tuple(model.cv_embed.shape)} x {model.sie_coe}"
+        if model.cv_embed is not None
+        else "",
+    )
+    return model

@@ -1,0 +1,380 @@
+"""The CLIP-ReID model: one class for the two-stage method and for the image-only baseline.
+
+Layout (state-dict names follow the official CLIP-ReID checkpoints, so they load directly):
+
+* ``image_encoder``: the CLIP vision tower with the ReID changes (OpenAI ``visual.*`` names);
+* ``cv_embed``: SIE table [N, D_v] (only when SIE is enabled);
+* ``bottleneck`` / ``bottleneck_proj``: BNNecks on ``f`` and ``f_proj`` (weight 1, bias 0, bias
+  frozen);
+* ``classifier`` / ``classifier_proj``: bias-free identity classifiers (init N(0, 0.001^2));
+* ``prompt_learner`` (``cls_ctx``, ``token_prefix``, ``token_suffix``) and ``text_encoder``
+  (CLIP text tower): only in the CLIP-ReID model, ``None`` in the baseline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from model.clip.arch import CLIPArch, FeatureDims
+from model.clip.text import TextEncoder
+from model.clip.vision import ResNetReIDEncoder, VisionFeatures, ViTReIDEncoder
+from model.prompt_learner import PromptLearner
+
+__all__ = ["NECK_FEATS", "ReIDModel", "ReIDTrainOutput", "TEXT_PREFIXES"]
+
+NECK_FEATS = ("before", "after")
+# State-dict prefixes of the text side (absent from the baseline model).
+TEXT_PREFIXES = ("prompt_learner.", "text_encoder.")
+
+
+class ReIDTrainOutput(NamedTuple):
+    """Training-mode output of ``ReIDModel.forward``.
+
+    Attributes:
+        cls_scores: [classifier(BN(f)), classifier_proj(BN(f_proj))], each [B, C].
+        feats: [f_last, f, f_proj] before the BNNecks ([B, D_last], [B, D], [B, E]); the triplet
+            loss is applied to each.
+        proj: f_proj [B, E], for the image-to-text loss against the text features.
+    """
+
+    cls_scores: list[Tensor]
+    feats: list[Tensor]
+    proj: Tensor
+
+
+def _bnneck(dim: int) -> nn.BatchNorm1d:
+    bn = nn.BatchNorm1d(dim)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    bn.bias.requires_grad_(False)  # BNNeck: a frozen zero shift keeps the features centred
+    return bn
+
+
+def _classifier(dim: int, num_classes: int) -> nn.Linear:
+    fc = nn.Linear(dim, num_classes, bias=False)
+    nn.init.normal_(fc.weight, std=0.001)
+    return fc
+
+
+def _build_image_encoder(
+    arch: CLIPArch,
+    visual: nn.Module,
+    image_size: tuple[int, int],
+    stride: tuple[int, int],
+    sie_mode: str,
+) -> nn.Module:
+    if arch.kind == "vit":
+        return ViTReIDEncoder(visual, image_size, stride, sie_mode=sie_mode)
+    if stride != (16, 16):
+        raise ValueError(
+            f"MODEL.STRIDE_SIZE {list(stride)} applies to ViT patch embeddings only; "
+            f"{arch.name} has a fixed total stride of 16. Set MODEL.STRIDE_SIZE [16, 16]."
+        )
+    return ResNetReIDEncoder(visual, image_size, last_stride=1, sie_mode=sie_mode)
+
+
+class ReIDModel(nn.Module):
+    """CLIP-ReID model (image encoder, BNNecks, classifiers, optional SIE and text side).
+
+    The constructor adopts the towers of an ``open_clip.CLIP`` whose weights are already loaded
+    (``model.build.build_model`` loads them), resizes the positional embeddings to the ReID grid
+    and embeds the prompt template with the CLIP token embedding; the token embedding and
+    ``logit_scale`` are not kept (as in the official model).
+
+    Args:
+        clip_model: ``open_clip.CLIP`` of architecture ``arch``, pretrained or random.
+        arch: architecture spec (picks the ViT or ResNet image encoder).
+        num_classes: number C of training identities.
+        image_size: input (H, W) that fixes the token grid (``INPUT.SIZE_TRAIN``).
+        stride: ViT patch-embedding stride (``MODEL.STRIDE_SIZE``); must be (16, 16) for ResNets.
+        num_cameras: number of cameras (rows of the camera SIE table).
+        num_views: number of viewpoints (rows of the view SIE table).
+        sie_camera: enable the camera SIE (``MODEL.SIE_CAMERA``).
+        sie_view: enable the viewpoint SIE (``MODEL.SIE_VIEW``).
+        sie_coe: SIE scale (``MODEL.SIE_COE``).
+        sie_mode: ``'cls'`` (CLS / pool-query token only) or ``'all'`` tokens.
+        neck_feat: eval feature before (``'before'``) or after (``'after'``) the BNNecks.
+        with_text: build the prompt learner and text encoder (False: the baseline).
+        prompt_template: prompt text with ``n_ctx`` consecutive 'X' placeholders.
+        n_ctx: number M of learnable tokens per identity.
+    """
+
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        arch: CLIPArch,
+        num_classes: int,
+        image_size: Sequence[int],
+        *,
+        stride: Sequence[int] = (16, 16),
+        num_cameras: int = 0,
+        num_views: int = 0,
+        sie_camera: bool = False,
+        sie_view: bool = False,
+        sie_coe: float = 3.0,
+        sie_mode: str = "cls",
+        neck_feat: str = "before",
+        with_text: bool = True,
+        prompt_template: str = "A photo of a X X X X person.",
+        n_ctx: int = 4,
+    ) -> None:
+        super().__init__()
+        if neck_feat not in NECK_FEATS:
+            raise ValueError(f"TEST.NECK_FEAT must be one of {NECK_FEATS}, got {neck_feat!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.arch = arch
+        self.num_classes = num_classes
+        self.neck_feat = neck_feat
+        size = (int(image_size[0]), int(image_size[1]))
+        stride_pair = (int(stride[0]), int(stride[1]))
+        self.image_encoder = _build_image_encoder(
+            arch, clip_model.visual, size, stride_pair, sie_mode
+        )
+        dims = self.image_encoder.dims
+
+        # SIE table layout and index follow the official code (camera x view: cam * V + view).
+        self.sie_camera, self.sie_view = bool(sie_camera), bool(sie_view)
+        self.num_cameras, self.num_views = int(num_cameras), int(num_views)
+        self.sie_coe = float(sie_coe)
+        rows = 0
+        if self.sie_camera and self.sie_view:
+            rows = self.num_cameras * self.num_views
+        elif self.sie_camera:
+            rows = self.num_cameras
+        elif self.sie_view:
+            rows = self.num_views
+        if (self.sie_camera or self.sie_view) and rows < 1:
+            raise ValueError(
+                f"SIE is enabled (MODEL.SIE_CAMERA {self.sie_camera}, MODEL.SIE_VIEW "
+                f"{self.sie_view}) but the dataset reports {num_cameras} cameras and "
+                f"{num_views} views"
+            )
+        if rows:
+            table = torch.empty(
+                rows, self.image_encoder.width, device=_module_device(self.image_encoder)
+            )
+            self.cv_embed = nn.Parameter(nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0))
+        else:
+            self.cv_embed = None
+
+        self.bottleneck = _bnneck(dims.final)
+        self.bottleneck_proj = _bnneck(dims.proj)
+        self.classifier = _classifier(dims.final, num_classes)
+        self.classifier_proj = _classifier(dims.proj, num_classes)
+        device = _module_device(self.image_encoder)
+        for module in (
+            self.bottleneck,
+            self.bottleneck_proj,
+            self.classifier,
+            self.classifier_proj,
+        ):
+            module.to(device)
+
+        if with_text:
+            self.prompt_learner = PromptLearner(
+                num_classes,
+                prompt_template,
+                n_ctx,
+                clip_model.token_embedding,
+                context_length=arch.text_context_length,
+            )
+            self.text_encoder = TextEncoder.from_open_clip(clip_model)
+        else:
+            self.prompt_learner = None
+            self.text_encoder = None
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def has_text(self) -> bool:
+        """Whether the prompt learner and text encoder exist (False for the baseline)."""
+        return self.text_encoder is not None
+
+    @property
+    def feature_dims(self) -> FeatureDims:
+        """Widths of (f_last, f, f_proj)."""
+        return self.image_encoder.dims
+
+    @property
+    def feat_dim(self) -> int:
+        """Width of the evaluation feature (1280 for ViT-B-16, 3072 for RN50)."""
+        dims = self.image_encoder.dims
+        return dims.final + dims.proj
+
+    def sie_vectors(
+        self, camids: Tensor | None = None, viewids: Tensor | None = None
+    ) -> Tensor | None:
+        """Scaled SIE vectors for a batch, or ``None`` when SIE is off or no ids are given.
+
+        Args:
+            camids: camera ids, int64 [B] (0-based), or ``None``.
+            viewids: viewpoint ids, int64 [B] (0-based), or ``None``.
+
+        Returns:
+            ``SIE_COE * cv_embed[index]`` [B, D_v], or ``None``.
+
+        Raises:
+            ValueError: camera x view SIE with only one of the two id tensors.
+        """
+        if self.cv_embed is None:
+            return None
+        if self.sie_camera and self.sie_view:
+            if camids is None and viewids is None:
+                return None
+            if camids is None or viewids is None:
+                raise ValueError("Camera x view SIE needs both camids and viewids")
+            index = camids * self.num_views + viewids
+        elif self.sie_camera:
+            if camids is None:
+                return None
+            index = camids
+        else:
+            if viewids is None:
+                return None
+            index = viewids
+        return self.sie_coe * self.cv_embed[index.to(self.cv_embed.device)]
+
+    def image_features(
+        self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
+    ) -> VisionFeatures:
+        """The three pre-BN image features.
+
+        Args:
+            images: [B, 3, H, W].
+            camids: optional camera ids [B] (used when the camera SIE is enabled).
+            viewids: optional view ids [B] (used when the view SIE is enabled).
+
+        Returns:
+            ``VisionFeatures(last, final, proj)``.
+        """
+        return self.image_encoder(images, self.sie_vectors(camids, viewids))
+
+    def _eval_feature(self, feats: VisionFeatures) -> Tensor:
+        if self.neck_feat == "after":
+            return torch.cat(
+                [self.bottleneck(feats.final), self.bottleneck_proj(feats.proj)], dim=1
+            )
+        return torch.cat([feats.final, feats.proj], dim=1)
+
+    def encode_image(
+        self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
+    ) -> Tensor:
+        """Evaluation feature: cat(f, f_proj) (``neck_feat='before'``) or their BNNeck outputs.
+
+        Call in eval mode (BNNecks use running statistics); the evaluator normalises the whole
+        vector.
+
+        Args:
+            images: [B, 3, H, W].
+            camids: optional camera ids [B] (SIE).
+            viewids: optional view ids [B] (SIE).
+
+        Returns:
+            [B, D + E] (1280 for ViT-B-16, 3072 for RN50).
+        """
+        return self._eval_feature(self.image_features(images, camids, viewids))
+
+    def encode_image_proj(self, images: Tensor) -> Tensor:
+        """Projected CLIP feature f_proj without SIE or BNNeck (stage-1 feature caching).
+
+        Args:
+            images: [B, 3, H, W].
+
+        Returns:
+            [B, E].
+        """
+        return self.image_encoder(images).proj
+
+    def encode_text(self, pids: Tensor) -> Tensor:
+        """Text features of identities from their learnable prompts.
+
+        Args:
+            pids: identity labels, int64 [n].
+
+        Returns:
+            [n, E] unnormalised text features (comparable with f_proj).
+
+        Raises:
+            RuntimeError: the model is the baseline (no text side).
+        """
+        if self.prompt_learner is None or self.text_encoder is None:
+            raise RuntimeError(
+                "This model has no prompt learner or text encoder (MODEL.METHOD 'baseline'); "
+                "build it with MODEL.METHOD 'clipreid' to encode text"
+            )
+        prompts = self.prompt_learner(pids)
+        return self.text_encoder(prompts, self.prompt_learner.eot_index)
+
+    def forward(
+        self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
+    ) -> ReIDTrainOutput | Tensor:
+        """Training: logits and features for the losses; evaluation: the eval feature.
+
+        Args:
+            images: [B, 3, H, W].
+            camids: optional camera ids [B] (SIE).
+            viewids: optional view ids [B] (SIE).
+
+        Returns:
+            In training mode a ``ReIDTrainOutput``; in eval mode the eval feature [B, D + E].
+        """
+        feats = self.image_features(images, camids, viewids)
+        if not self.training:
+            return self._eval_feature(feats)
+        scores = [
+            self.classifier(self.bottleneck(feats.final)),
+            self.classifier_proj(self.bottleneck_proj(feats.proj)),
+        ]
+        return ReIDTrainOutput(scores, [feats.last, feats.final, feats.proj], feats.proj)
+
+    # ------------------------------------------------------------------------------------------
+    def set_trainable(self, stage: int) -> list[str]:
+        """Set ``requires_grad`` for a training stage.
+
+        * 1: only the prompt tokens ``prompt_learner.cls_ctx`` (text encoder and image side
+          frozen, so no gradient is accumulated in the text tower).
+        * 2: everything except the prompt learner and the text encoder; the BNNeck biases stay
+          frozen.
+        * 0: one-stage training (paper Tab. 5): stage 2's set plus the prompt tokens.
+
+        Args:
+            stage: 0, 1 or 2.
+
+        Returns:
+            Names of the trainable parameters.
+
+        Raises:
+            ValueError: unknown stage, or stage 0/1 on the baseline model.
+        """
+        if stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
+        if stage in (0, 1) and not self.has_text:
+            raise ValueError(f"Stage {stage} needs the text side; the baseline model has none")
+        frozen_bias = {"bottleneck.bias", "bottleneck_proj.bias"}
+        names = []
+        for name, param in self.named_parameters():
+            if stage == 1:
+                train = name == "prompt_learner.cls_ctx"
+            else:
+                train = not name.startswith(TEXT_PREFIXES) and name not in frozen_bias
+                train = train or (stage == 0 and name == "prompt_learner.cls_ctx")
+            param.requires_grad_(train)
+            if train:
+                names.append(name)
+        return names
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    """Device of a module's first parameter (where new heads are created).
+
+    Args:
+        module: any module with at least one parameter.
+
+    Returns:
+        Its device.
+    """
+    return next(module.parameters()).device
