@@ -24,7 +24,7 @@ _C.MODEL.NAME = "ViT-B-16"
 _C.MODEL.METHOD = "clipreid"
 # Local CLIP weights (OpenAI TorchScript archive or state dict); '' downloads PRETRAIN_TAG.
 _C.MODEL.PRETRAIN_PATH = ""
-# open_clip pretrained tag used when PRETRAIN_PATH is empty; 'openai' is the paper's; 'none' = random.
+# open_clip pretrained tag when PRETRAIN_PATH is empty: 'openai' (the paper's); 'none' = random.
 _C.MODEL.PRETRAIN_TAG = "openai"
 # ViT patch-embedding stride (H, W); [12, 12] gives the paper's overlapping patches (OLP).
 _C.MODEL.STRIDE_SIZE = [16, 16]
@@ -92,6 +92,8 @@ _C.DATASETS.LIST_FILE = ""
 _C.DATASETS.VEHICLEID_TEST_SIZE = 800
 # VeRi: drop images without a viewpoint label as the official code does (changes the test set).
 _C.DATASETS.VERI_DROP_UNLABELED = False
+# Folder of VeRi's keypoint_train.txt / keypoint_test.txt (viewpoints); '' = the VeRi folder.
+_C.DATASETS.VERI_KEYPOINT_DIR = ""
 # Skip unreadable images (counted in a warning) instead of stopping with the file's name.
 _C.DATASETS.SKIP_CORRUPT = False
 _C.DATASETS.SYNTHETIC = CN()
@@ -114,7 +116,7 @@ _C.DATASETS.SYNTHETIC.SEED = 0
 _C.DATALOADER = CN()
 # Loader worker processes per loader.
 _C.DATALOADER.NUM_WORKERS = 8
-# 'softmax_triplet' = P x K identity batches (every official YAML); 'softmax' = shuffled, no triplet.
+# 'softmax_triplet': P x K identity batches (every official YAML); 'softmax': shuffled, no triplet.
 _C.DATALOADER.SAMPLER = "softmax_triplet"
 # K images per identity in a P x K batch.
 _C.DATALOADER.NUM_INSTANCE = 4

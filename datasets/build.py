@@ -1,0 +1,360 @@
+"""Config -> parsed datasets -> data loaders (``build_dataloaders``)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from yacs.config import CfgNode
+
+from datasets.bases import (
+    DatasetOptions,
+    ImageDataset,
+    Layout,
+    ReIDDataset,
+    closest_name,
+    collate_batch,
+    combine_datasets,
+)
+from datasets.custom import CSV, FOLDER
+from datasets.dukemtmc import DUKEMTMC, OCC_DUKE
+from datasets.market1501 import MARKET1501
+from datasets.msmt17 import MSMT17
+from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
+from datasets.synthetic import SYNTHETIC
+from datasets.transforms import build_transforms
+from datasets.vehicleid import VEHICLEID
+from datasets.veri import VERI
+from utils.dist import get_rank, get_world_size
+
+logger = logging.getLogger(__name__)
+
+DATASET_LAYOUTS: dict[str, Layout] = {
+    layout.name: layout
+    for layout in (MARKET1501, MSMT17, DUKEMTMC, OCC_DUKE, VERI, VEHICLEID, FOLDER, CSV, SYNTHETIC)
+}
+
+
+def get_layout(name: str) -> Layout:
+    """Look up a dataset layout by its ``DATASETS.NAMES`` entry.
+
+    Args:
+        name: dataset name (case-sensitive, as the official names).
+
+    Returns:
+        The layout.
+
+    Raises:
+        ValueError: an unknown name; the message lists the valid ones and the closest.
+    """
+    if name in DATASET_LAYOUTS:
+        return DATASET_LAYOUTS[name]
+    near = closest_name(name, list(DATASET_LAYOUTS))
+    hint = f" Did you mean {near!r}?" if near else ""
+    raise ValueError(
+        f"unknown dataset {name!r} in DATASETS.NAMES.{hint} Valid names: "
+        f"{', '.join(DATASET_LAYOUTS)}"
+    )
+
+
+def dataset_options(cfg: CfgNode) -> DatasetOptions:
+    """Collect the dataset settings of a config.
+
+    Args:
+        cfg: configuration (DATASETS.*, SOLVER.SEED, MODEL.SIE_VIEW).
+
+    Returns:
+        The :class:`DatasetOptions`.
+    """
+    d = cfg.DATASETS
+    syn = d.SYNTHETIC
+    return DatasetOptions(
+        seed=int(cfg.SOLVER.SEED),
+        vehicleid_test_size=int(d.VEHICLEID_TEST_SIZE),
+        veri_drop_unlabeled=bool(d.VERI_DROP_UNLABELED),
+        veri_keypoint_dir=d.VERI_KEYPOINT_DIR,
+        require_views=bool(cfg.MODEL.SIE_VIEW),
+        list_file=str(d.LIST_FILE),
+        synthetic={
+            "num_ids": int(syn.NUM_IDS),
+            "num_cameras": int(syn.NUM_CAMERAS),
+            "images_per_id_cam": int(syn.IMAGES_PER_ID_CAM),
+            "size": [int(v) for v in syn.SIZE],
+            "mode": str(syn.MODE),
+            "seed": int(syn.SEED),
+        },
+    )
+
+
+def dataset_names(cfg: CfgNode) -> list[str]:
+    """``DATASETS.NAMES`` as a list.
+
+    Args:
+        cfg: configuration.
+
+    Returns:
+        The names (a single string becomes a one-element list).
+    """
+    names = cfg.DATASETS.NAMES
+    return [names] if isinstance(names, str) else [str(n) for n in names]
+
+
+def check_dataset(dataset: ReIDDataset) -> None:
+    """Warn about evaluation problems that do not stop a run.
+
+    Args:
+        dataset: the (combined) dataset; query/gallery are the evaluated ones.
+    """
+    gallery_pids = {r.pid for r in dataset.gallery}
+    missing = {r.pid for r in dataset.query} - gallery_pids
+    if missing:
+        n_img = sum(r.pid in missing for r in dataset.query)
+        logger.warning(
+            "%s: %d query identities (%d images) never appear in the gallery; those queries "
+            "are skipped by the evaluation",
+            dataset.name,
+            len(missing),
+            n_img,
+        )
+    if dataset.has_camera_ids:
+        train_cams = {r.camid for r in dataset.train}
+        unseen = sorted({r.camid for r in dataset.query + dataset.gallery} - train_cams)
+        if unseen:
+            logger.warning(
+                "%s: camera ids %s of query/gallery never occur in training; their camera "
+                "embeddings (MODEL.SIE_CAMERA) would stay untrained",
+                dataset.name,
+                unseen,
+            )
+
+
+def build_datasets(cfg: CfgNode) -> tuple[ReIDDataset, list[ReIDDataset]]:
+    """Parse every dataset of ``DATASETS.NAMES`` and combine them for training.
+
+    Args:
+        cfg: configuration.
+
+    Returns:
+        (combined dataset: train of all, query/gallery of the first; the parsed datasets).
+    """
+    options = dataset_options(cfg)
+    parts = []
+    for name in dataset_names(cfg):
+        ds = get_layout(name).load(cfg.DATASETS.ROOT_DIR, options)
+        logger.info("%s", ds.format_statistics())
+        parts.append(ds)
+    dataset = combine_datasets(parts)
+    if len(parts) > 1:
+        logger.info("training on %s; evaluating on %s", dataset.name, parts[0].name)
+        logger.info("%s", dataset.format_statistics())
+    check_dataset(dataset)
+    return dataset, parts
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed python's and numpy's RNGs in a loader worker from its torch seed.
+
+    Args:
+        worker_id: the worker's index (unused: torch's per-worker seed already includes it).
+    """
+    import random
+
+    seed = torch.initial_seed() % (2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@dataclass
+class DataBundle:
+    """Everything the training and evaluation loops need from the data side.
+
+    Attributes:
+        train_stage1: train set, test transforms, ``SOLVER.STAGE1.IMS_PER_BATCH``, in order
+            (stage 1 caches one feature per image; labels travel with the features).
+        train_stage2: train set, train transforms, P x K identity batches
+            (``DATALOADER.SAMPLER 'softmax_triplet'``) or shuffled batches ('softmax'); its
+            ``batch_sampler`` has ``set_epoch``.
+        val: query images then gallery images, test transforms, ``TEST.IMS_PER_BATCH``.
+        train_eval: train set, test transforms, ``TEST.IMS_PER_BATCH``, in order.
+        num_classes: training identities C.
+        num_cameras: camera vocabulary size (camids are 0..num_cameras-1).
+        num_views: viewpoint vocabulary size.
+        num_query: the first ``num_query`` items of ``val`` are queries.
+        num_trials: evaluation trials to average (VehicleID: ``TEST.VEHICLEID_TRIALS``, else 1).
+        dataset: the combined dataset (train of all, query/gallery of the first).
+        datasets: the parsed datasets in ``DATASETS.NAMES`` order.
+    """
+
+    train_stage1: DataLoader
+    train_stage2: DataLoader
+    val: DataLoader
+    train_eval: DataLoader
+    num_classes: int
+    num_cameras: int
+    num_views: int
+    num_query: int
+    num_trials: int
+    dataset: ReIDDataset
+    datasets: list[ReIDDataset]
+    _make_val: Callable[[ReIDDataset], DataLoader] = field(repr=False)
+
+    def val_for_trial(self, trial: int) -> DataLoader:
+        """The val loader of one evaluation trial (VehicleID: a new random gallery per trial).
+
+        The query count ``num_query`` is the same in every trial (one gallery image per id).
+
+        Args:
+            trial: 0..num_trials-1; trial 0 is ``val``.
+
+        Returns:
+            A loader of the trial's query then gallery images.
+        """
+        if trial == 0 or not self.dataset.has_trials:
+            return self.val
+        return self._make_val(self.dataset.for_trial(trial))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch of the stage-2 batches (same as the batch sampler's ``set_epoch``).
+
+        Args:
+            epoch: the training loop's epoch counter.
+        """
+        self.train_stage2.batch_sampler.set_epoch(epoch)
+
+
+def _loader_kwargs(num_workers: int, seed: int, persistent: bool) -> dict:
+    generator = torch.Generator()
+    generator.manual_seed(int(seed) % (2**63))
+    return {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": persistent and num_workers > 0,
+        "worker_init_fn": seed_worker,
+        "generator": generator,
+        "collate_fn": collate_batch,
+    }
+
+
+def build_train_sampler(
+    pids: Sequence[int],
+    sampler: str,
+    batch_size: int,
+    num_instances: int,
+    seed: int,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> RandomIdentityBatchSampler | ShuffleBatchSampler:
+    """The stage-2 batch sampler.
+
+    Args:
+        pids: pid of every training index.
+        sampler: 'softmax_triplet' (P x K) or 'softmax' (shuffled).
+        batch_size: global batch (``SOLVER.STAGE2.IMS_PER_BATCH``), split evenly over ranks.
+        num_instances: K.
+        seed: run seed.
+        rank: process rank (None: from torch.distributed).
+        world_size: number of processes (None: from torch.distributed).
+
+    Returns:
+        A batch sampler with ``set_epoch`` that yields ``SampleKey`` batches.
+
+    Raises:
+        ValueError: an unknown sampler, or a batch that does not split into ranks of P x K.
+    """
+    world_size = get_world_size() if world_size is None else world_size
+    rank = get_rank() if rank is None else rank
+    if batch_size % world_size:
+        raise ValueError(
+            f"SOLVER.STAGE2.IMS_PER_BATCH = {batch_size} does not split over {world_size} processes"
+        )
+    per_rank = batch_size // world_size
+    if sampler == "softmax_triplet":
+        if per_rank % num_instances:
+            raise ValueError(
+                f"per-process batch {per_rank} is not a multiple of DATALOADER.NUM_INSTANCE = "
+                f"{num_instances}"
+            )
+        return RandomIdentityBatchSampler(
+            pids, per_rank, num_instances, seed, rank, world_size, sample_seeds=True
+        )
+    if sampler == "softmax":
+        return ShuffleBatchSampler(
+            len(pids),
+            per_rank,
+            seed,
+            drop_last=True,
+            rank=rank,
+            world_size=world_size,
+            sample_seeds=True,
+        )
+    raise ValueError(f"DATALOADER.SAMPLER = {sampler!r}; valid: 'softmax_triplet', 'softmax'")
+
+
+def build_dataloaders(cfg: CfgNode) -> DataBundle:
+    """Parse the datasets and build every loader of a run.
+
+    Args:
+        cfg: configuration (DATASETS, INPUT, DATALOADER, SOLVER.SEED, SOLVER.STAGE1/2
+            .IMS_PER_BATCH, TEST.IMS_PER_BATCH, TEST.VEHICLEID_TRIALS, MODEL.SIE_VIEW).
+
+    Returns:
+        The :class:`DataBundle`.
+    """
+    dataset, parts = build_datasets(cfg)
+    train_tf, test_tf = build_transforms(cfg)
+    skip = bool(cfg.DATASETS.SKIP_CORRUPT)
+    workers = int(cfg.DATALOADER.NUM_WORKERS)
+    seed = int(cfg.SOLVER.SEED)
+    train_test = ImageDataset(dataset.train, test_tf, skip)
+
+    sampler = build_train_sampler(
+        [r.pid for r in dataset.train],
+        cfg.DATALOADER.SAMPLER,
+        int(cfg.SOLVER.STAGE2.IMS_PER_BATCH),
+        int(cfg.DATALOADER.NUM_INSTANCE),
+        seed,
+    )
+    train_stage2 = DataLoader(
+        ImageDataset(dataset.train, train_tf, skip),
+        batch_sampler=sampler,
+        **_loader_kwargs(workers, seed, persistent=True),
+    )
+    train_stage1 = DataLoader(
+        train_test,
+        batch_size=int(cfg.SOLVER.STAGE1.IMS_PER_BATCH),
+        shuffle=False,
+        **_loader_kwargs(workers, seed + 1, persistent=False),
+    )
+    train_eval = DataLoader(
+        train_test,
+        batch_size=int(cfg.TEST.IMS_PER_BATCH),
+        shuffle=False,
+        **_loader_kwargs(workers, seed + 2, persistent=False),
+    )
+
+    def make_val(ds: ReIDDataset) -> DataLoader:
+        return DataLoader(
+            ImageDataset(ds.query + ds.gallery, test_tf, skip),
+            batch_size=int(cfg.TEST.IMS_PER_BATCH),
+            shuffle=False,
+            **_loader_kwargs(workers, seed + 3, persistent=False),
+        )
+
+    return DataBundle(
+        train_stage1=train_stage1,
+        train_stage2=train_stage2,
+        val=make_val(dataset),
+        train_eval=train_eval,
+        num_classes=dataset.num_train_pids,
+        num_cameras=dataset.num_cameras,
+        num_views=dataset.num_views,
+        num_query=len(dataset.query),
+        num_trials=int(cfg.TEST.VEHICLEID_TRIALS) if dataset.has_trials else 1,
+        dataset=dataset,
+        datasets=parts,
+        _make_val=make_val,
+    )

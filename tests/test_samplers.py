@@ -1,0 +1,146 @@
+"""P x K and shuffle batch samplers: invariants, determinism and distributed shares."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import pytest
+
+from datasets.bases import SampleKey
+from datasets.build import build_train_sampler
+from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
+
+
+def pid_list(counts: dict[int, int]) -> list[int]:
+    """Dataset pids: identity p repeated counts[p] times, interleaved as in a sorted folder."""
+    return [p for p, n in sorted(counts.items()) for _ in range(n)]
+
+
+COUNTS = {3: 9, 5: 4, 8: 7, 11: 4, 12: 12, 20: 5, 21: 8, 30: 4}  # 53 images, 8 identities
+
+
+def test_pk_batches_have_p_identities_of_k_images():
+    pids = pid_list(COUNTS)
+    sampler = RandomIdentityBatchSampler(pids, batch_size=12, num_instances=4, seed=1)
+    for epoch in range(5):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) > 0
+        seen = Counter()
+        for batch in batches:
+            per_id = Counter(pids[i] for i in batch)
+            assert len(batch) == 12 and len(per_id) == 3 and set(per_id.values()) == {4}
+            seen.update(batch)
+        # every identity here has >= K images: no index is drawn twice in an epoch
+        assert max(seen.values()) == 1
+        # each batch takes one K-chunk per identity; the epoch stops only when fewer than P
+        # identities still have a full chunk
+        used = Counter(p for b in batches for p in {pids[i] for i in b})
+        left = {p: n // 4 - used[p] for p, n in COUNTS.items()}
+        assert min(left.values()) >= 0
+        assert sum(1 for v in left.values() if v > 0) < 3
+
+
+def test_pk_coverage_over_an_epoch():
+    # 6 identities x 8 images, P = 2, K = 4: every chunk is used, so every index appears once.
+    pids = pid_list({p: 8 for p in range(6)})
+    sampler = RandomIdentityBatchSampler(pids, batch_size=8, num_instances=4, seed=3)
+    flat = [i for b in sampler for i in b]
+    assert sorted(flat) == list(range(48))
+    assert len(sampler) == 6 * 2 // 2
+
+
+def test_pk_identity_with_fewer_than_k_images_drawn_with_replacement():
+    pids = [0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # identity 0 has 2 < K = 4 images
+    sampler = RandomIdentityBatchSampler(pids, batch_size=8, num_instances=4, seed=0)
+    uses_zero = 0
+    for epoch in range(20):
+        sampler.set_epoch(epoch)
+        for batch in sampler:
+            per_id = Counter(pids[i] for i in batch)
+            assert set(per_id.values()) == {4}
+            if 0 in per_id:
+                uses_zero += 1
+                assert {i for i in batch if pids[i] == 0} <= {0, 1}
+    assert uses_zero > 0
+
+
+def test_pk_fewer_identities_than_p_still_yields_batches(caplog):
+    pids = pid_list({7: 8, 9: 8})  # 2 identities, P = 16 // 4 = 4
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        sampler = RandomIdentityBatchSampler(pids, batch_size=16, num_instances=4, seed=0)
+    assert "only 2 training identities, fewer than P" in caplog.text
+    batches = list(sampler)
+    assert len(batches) == 2  # 2 chunks per identity, both identities in each batch
+    for batch in batches:
+        assert sorted(Counter(pids[i] for i in batch).values()) == [4, 4]
+
+
+def test_same_seed_and_epoch_same_batches():
+    pids = pid_list(COUNTS)
+    a = RandomIdentityBatchSampler(pids, 8, 4, seed=5)
+    b = RandomIdentityBatchSampler(pids, 8, 4, seed=5)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(4)
+    assert list(a) != first
+    a.set_epoch(3)
+    assert list(a) == first  # a resumed run replays epoch 3
+    c = RandomIdentityBatchSampler(pids, 8, 4, seed=6)
+    c.set_epoch(3)
+    assert list(c) != first
+
+
+def test_sample_seeds_wrap_the_same_indices():
+    pids = pid_list(COUNTS)
+    plain = RandomIdentityBatchSampler(pids, 8, 4, seed=2)
+    seeded = RandomIdentityBatchSampler(pids, 8, 4, seed=2, sample_seeds=True)
+    batches = list(seeded)
+    assert all(isinstance(k, SampleKey) for b in batches for k in b)
+    assert [[k.index for k in b] for b in batches] == list(plain)
+    seeds = [k.seed for b in batches for k in b]
+    assert len(set(seeds)) == len(seeds)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_shares_are_disjoint_slices_of_one_permutation(world_size):
+    pids = pid_list(COUNTS)
+    single = RandomIdentityBatchSampler(pids, 8, 4, seed=9, rank=0, world_size=1)
+    single.set_epoch(2)
+    reference = list(single)
+    shares = []
+    for rank in range(world_size):
+        s = RandomIdentityBatchSampler(pids, 8, 4, seed=9, rank=rank, world_size=world_size)
+        s.set_epoch(2)
+        shares.append(list(s))
+    usable = len(reference) - len(reference) % world_size
+    assert all(len(sh) == usable // world_size for sh in shares)
+    for rank, share in enumerate(shares):
+        assert share == reference[rank:usable:world_size]
+    positions = [tuple(b) for sh in shares for b in sh]
+    assert sorted(positions) == sorted(tuple(b) for b in reference[:usable])
+
+
+def test_shuffle_sampler_covers_the_dataset_and_shards():
+    s = ShuffleBatchSampler(23, batch_size=5, seed=0, drop_last=True)
+    batches = list(s)
+    assert len(batches) == len(s) == 4 and all(len(b) == 5 for b in batches)
+    assert len({i for b in batches for i in b}) == 20
+    keep = ShuffleBatchSampler(23, batch_size=5, seed=0, drop_last=False)
+    assert sorted(i for b in keep for i in b) == list(range(23))
+    shares = [list(ShuffleBatchSampler(23, 5, 0, True, rank=r, world_size=2)) for r in range(2)]
+    assert shares[0] + shares[1] == batches[0:4:2] + batches[1:4:2]
+
+
+def test_build_train_sampler_splits_the_global_batch():
+    pids = pid_list(COUNTS)
+    s = build_train_sampler(pids, "softmax_triplet", 16, 4, seed=0, rank=1, world_size=2)
+    assert isinstance(s, RandomIdentityBatchSampler) and s.num_identities == 2
+    assert all(len(b) == 8 for b in s)
+    with pytest.raises(ValueError, match="NUM_INSTANCE"):
+        build_train_sampler(pids, "softmax_triplet", 12, 4, seed=0, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="valid: 'softmax_triplet', 'softmax'"):
+        build_train_sampler(pids, "triplet", 16, 4, seed=0, rank=0, world_size=1)
