@@ -185,7 +185,9 @@ def _merge(cfg: CN, flat: dict[str, Any], source: str) -> None:
                 break
             node = node[part]
         if node is None or not isinstance(node, CN) or parts[-1] not in node:
-            raise ConfigError(f"{source}: unknown key {key!r}; closest valid keys: {_closest(key, keys)}")
+            raise ConfigError(
+                f"{source}: unknown key {key!r}; closest valid keys: {_closest(key, keys)}"
+            )
         default = node[parts[-1]]
         if isinstance(default, CN):
             raise ConfigError(f"{source}: {key!r} is a section, not a key; set its children")
@@ -268,9 +270,7 @@ def validate_cfg(cfg: CN) -> None:
         raise ConfigError("SOLVER.STAGE1.CHECKPOINT_PERIOD must be >= 1")
 
 
-def load_cfg(
-    config_file: str | None = None, opts: Sequence[str] = (), freeze: bool = True
-) -> CN:
+def load_cfg(config_file: str | None = None, opts: Sequence[str] = (), freeze: bool = True) -> CN:
     """Build the run configuration: defaults, then the YAML file, then ``KEY VALUE`` overrides.
 
     Args:

@@ -64,7 +64,8 @@ def test_legacy_keys_are_dropped_with_one_warning(caplog):
 
 
 @pytest.mark.parametrize(
-    "value,expected", [("no", False), ("'no'", False), ("yes", True), ("off", False), ("True", True)]
+    "value,expected",
+    [("no", False), ("'no'", False), ("yes", True), ("off", False), ("True", True)],
 )
 def test_legacy_boolean_strings_become_booleans(value, expected):
     cfg = load_cfg(None, ["TEST.FEAT_NORM", value])

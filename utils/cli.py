@@ -37,7 +37,7 @@ def parse_and_setup(
         (frozen config, device).
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config_file", default="", help="YAML config (this project's or official)")
+    parser.add_argument("--config_file", default="", help="YAML config file")
     if resume_flag:
         parser.add_argument(
             "--resume",

@@ -1,0 +1,187 @@
+"""Stage 1 of CLIP-ReID: learn the ID-specific prompt tokens against frozen CLIP features."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from loss.build import stage1_loss
+from processor.common import TrainSettings, autocast, format_terms
+from utils.logger import PeriodMeter, append_metrics, progress
+from utils.seed import epoch_seed
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def cache_image_features(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    amp_dtype: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected CLIP image features of the whole train set, computed once (no augmentation).
+
+    Args:
+        model: the ReID model (``encode_image_proj``: projected feature, no SIE, no BN).
+        loader: the train set with test transforms.
+        device: where the model runs.
+        amp_dtype: autocast precision on CUDA.
+
+    Returns:
+        (feats float32 [N, E] on ``device``, pids int64 [N] on ``device``).
+    """
+    model.eval()
+    feats, pids = [], []
+    for batch in progress(loader, total=len(loader), desc="stage1 features"):
+        with autocast(device, amp_dtype):
+            out = model.encode_image_proj(batch["images"].to(device, non_blocking=True))
+        feats.append(out.float())
+        pids.append(batch["pids"].to(device))
+    return torch.cat(feats), torch.cat(pids)
+
+
+def _instance_step(
+    model: torch.nn.Module,
+    feats: torch.Tensor,
+    pids: torch.Tensor,
+    temperature: float,
+    device: torch.device,
+    amp_dtype: str,
+) -> dict[str, torch.Tensor]:
+    """Symmetric SupCon between cached image features and their IDs' prompt features.
+
+    The text feature is a function of the ID alone, so it is computed once per unique ID of the
+    batch and gathered per sample: the loss equals the official per-sample computation with
+    fewer text-encoder passes.
+    """
+    unique, inverse = torch.unique(pids, return_inverse=True)
+    with autocast(device, amp_dtype):
+        text = model.encode_text(unique)
+    return stage1_loss(feats, text.float()[inverse], pids, temperature)
+
+
+def _average_step(
+    model: torch.nn.Module,
+    centroids: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float,
+    device: torch.device,
+    amp_dtype: str,
+) -> dict[str, torch.Tensor]:
+    """Per-ID average variant (paper supplementary Tab. 8).
+
+    Text-to-image cross-entropy of the batch IDs' prompts over the mean image features of ALL
+    IDs, plus image-to-text cross-entropy of the batch IDs' mean features over the batch prompts.
+    """
+    with autocast(device, amp_dtype):
+        text = model.encode_text(ids).float()
+    t2i = F.cross_entropy(text @ centroids.t() / temperature, ids)
+    i2t = F.cross_entropy(
+        centroids[ids] @ text.t() / temperature, torch.arange(len(ids), device=ids.device)
+    )
+    return {"i2t": i2t, "t2i": t2i}
+
+
+def train_stage1(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    scaler: torch.amp.GradScaler,
+    settings: TrainSettings,
+    device: torch.device,
+    start_epoch: int = 1,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> None:
+    """Run stage-1 epochs ``start_epoch..MAX_EPOCHS``.
+
+    Args:
+        model: the ReID model; only its prompt tokens must require grad.
+        loader: train set with test transforms (features are cached once from it).
+        optimizer: over the prompt tokens.
+        scheduler: epoch scheduler, stepped at the start of each epoch (official order).
+        scaler: gradient scaler (disabled off CUDA-fp16).
+        settings: training settings.
+        device: where training runs.
+        start_epoch: first epoch to run (after a resume).
+        on_epoch_end: called with the finished epoch (checkpointing).
+    """
+    if start_epoch > settings.stage1_epochs:
+        return
+    t0 = time.perf_counter()
+    feats, pids = cache_image_features(model, loader, device, settings.amp_dtype)
+    num_classes = int(model.num_classes)
+    if settings.stage1_mode == "average":
+        centroids = torch.zeros(num_classes, feats.shape[1], device=device)
+        centroids.index_add_(0, pids, feats)
+        counts = torch.bincount(pids, minlength=num_classes).clamp_min(1).unsqueeze(1)
+        centroids = centroids / counts
+        units = torch.arange(num_classes, device=device)
+    else:
+        units = torch.arange(len(feats), device=device)
+    batch = settings.stage1_batch
+    logger.info(
+        "[stage1] cached %d image features %s in %.1fs; mode %s",
+        len(feats),
+        tuple(feats.shape),
+        time.perf_counter() - t0,
+        settings.stage1_mode,
+    )
+    model.train()
+    for epoch in range(start_epoch, settings.stage1_epochs + 1):
+        scheduler.step(epoch)
+        gen = torch.Generator().manual_seed(epoch_seed(settings.seed, 1, epoch))
+        order = units[torch.randperm(len(units), generator=gen).to(device)]
+        # ceil division: the last batch holds the remainder and is never empty.
+        num_iters = (len(order) + batch - 1) // batch
+        meter = PeriodMeter()
+        epoch_meter = PeriodMeter()
+        for it in range(num_iters):
+            idx = order[it * batch : (it + 1) * batch]
+            optimizer.zero_grad(set_to_none=True)
+            if settings.stage1_mode == "average":
+                terms = _average_step(
+                    model, centroids, idx, settings.temperature, device, settings.amp_dtype
+                )
+            else:
+                terms = _instance_step(
+                    model, feats[idx], pids[idx], settings.temperature, device, settings.amp_dtype
+                )
+            loss = sum(terms.values())
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+            meter.update(values, images=len(idx))
+            epoch_meter.update(values, images=len(idx))
+            if (it + 1) % settings.stage1_log_period == 0 or it + 1 == num_iters:
+                means = meter.means()
+                logger.info(
+                    "[stage1] ep %d/%d it %d/%d loss %.3f %s lr %.2e %.0f feat/s",
+                    epoch,
+                    settings.stage1_epochs,
+                    it + 1,
+                    num_iters,
+                    means.pop("loss"),
+                    format_terms(means),
+                    optimizer.param_groups[0]["lr"],
+                    meter.rate(),
+                )
+                meter.reset()
+        append_metrics(
+            settings.output_dir,
+            {
+                "stage": 1,
+                "epoch": epoch,
+                "lr": optimizer.param_groups[0]["lr"],
+                **epoch_meter.means(),
+            },
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+    logger.info("[stage1] done in %.1fs", time.perf_counter() - t0)

@@ -1,0 +1,199 @@
+"""Wiring of a training run: build everything, resume, run stage 1 then stage 2, evaluate, save."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from datasets.build import build_dataloaders
+from loss.build import build_loss
+from model.build import build_model
+from processor.common import build_train_settings, make_grad_scaler
+from processor.evaluate import build_eval_settings, evaluate_bundle, log_results
+from processor.stage1 import train_stage1
+from processor.stage2 import train_stage2
+from solver.optimizer import build_optimizer
+from solver.scheduler import build_scheduler
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.logger import append_metrics
+from utils.seed import get_rng_state, seed_everything, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+LAST = "last.pth"
+
+
+def _resume_path(cfg) -> str | None:
+    resume = cfg.SOLVER.RESUME
+    if not resume:
+        return None
+    path = os.path.join(cfg.OUTPUT_DIR, LAST) if resume == "auto" else resume
+    if not os.path.isfile(path):
+        if resume == "auto":
+            logger.info("no checkpoint at %s: starting a fresh run", path)
+            return None
+        raise FileNotFoundError(f"SOLVER.RESUME = {resume!r}: no such checkpoint file")
+    return path
+
+
+def _check_resumed_config(saved: str, cfg) -> None:
+    current = cfg.dump().splitlines()
+    old = saved.splitlines()
+    changed = sorted(set(current) ^ set(old))
+    changed = [line for line in changed if "RESUME" not in line and "OUTPUT_DIR" not in line]
+    if changed:
+        logger.warning(
+            "the configuration differs from the checkpoint's in %d line(s): %s",
+            len(changed),
+            "; ".join(line.strip() for line in changed[:10]),
+        )
+
+
+def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _stage_state(
+    model, optimizer, scheduler, scaler, stage: int, epoch: int, cfg, metrics: dict
+) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "stage": stage,
+        "epoch": epoch,
+        "config": cfg.dump(),
+        "metrics": metrics,
+        "rng": get_rng_state(),
+    }
+
+
+def train(cfg, device: torch.device) -> dict[str, float]:
+    """Train the configured method end to end and evaluate the final model.
+
+    Args:
+        cfg: the frozen run configuration.
+        device: where to train.
+
+    Returns:
+        The final evaluation summary (mAP, mINP, rank1, rank5, rank10, num_valid_queries).
+    """
+    seed_everything(cfg.SOLVER.SEED)
+    data = build_dataloaders(cfg)
+    model = build_model(cfg, data.num_classes, data.num_cameras, data.num_views).to(device)
+    settings = build_train_settings(cfg)
+    eval_settings = build_eval_settings(cfg)
+    metrics: dict[str, Any] = {}
+
+    ckpt = None
+    path = _resume_path(cfg)
+    if path is not None:
+        ckpt = load_checkpoint(path)
+        _check_resumed_config(ckpt.get("config", ""), cfg)
+        model.load_state_dict(ckpt["model"])
+        metrics = dict(ckpt.get("metrics", {}))
+        logger.info("resuming from %s: stage %d, epoch %d done", path, ckpt["stage"], ckpt["epoch"])
+    resumed_stage = ckpt["stage"] if ckpt else 0
+
+    # ---------------------------------------------------------------- stage 1 (prompt tokens)
+    two_stage = cfg.MODEL.METHOD == "clipreid"
+    if two_stage and resumed_stage <= 1:
+        model.set_trainable(1)
+        optimizer = build_optimizer(cfg, _trainable(model), stage=1)
+        scheduler = build_scheduler(cfg, optimizer, stage=1)
+        scaler = make_grad_scaler(device, cfg.MODEL.AMP_DTYPE)
+        start = 1
+        if ckpt is not None and resumed_stage == 1:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"])
+            start = ckpt["epoch"] + 1
+
+        def stage1_epoch_end(epoch: int) -> None:
+            last = epoch == settings.stage1_epochs
+            if last or epoch % settings.stage1_checkpoint_period == 0:
+                state = _stage_state(model, optimizer, scheduler, scaler, 1, epoch, cfg, metrics)
+                save_checkpoint(state, os.path.join(cfg.OUTPUT_DIR, LAST))
+            if last:
+                save_checkpoint(
+                    model.state_dict(),
+                    os.path.join(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth"),
+                )
+
+        train_stage1(
+            model,
+            data.train_stage1,
+            optimizer,
+            scheduler,
+            scaler,
+            settings,
+            device,
+            start_epoch=start,
+            on_epoch_end=stage1_epoch_end,
+        )
+
+    # ------------------------------------------------------- stage 2 (image encoder fine-tuning)
+    # One-stage (paper Tab. 5): prompts and image encoder train together, prompts at stage-1 rates.
+    model.set_trainable(0 if cfg.MODEL.METHOD == "clipreid_one_stage" else 2)
+    prompt_named = [(n, p) for n, p in _trainable(model) if n.startswith("prompt_learner.")]
+    optimizer = build_optimizer(
+        cfg, [(n, p) for n, p in _trainable(model) if not n.startswith("prompt_learner.")], stage=2
+    )
+    if prompt_named:
+        optimizer.add_param_group(
+            {
+                "params": [p for _, p in prompt_named],
+                "param_names": [n for n, _ in prompt_named],
+                "lr": cfg.SOLVER.STAGE1.BASE_LR,
+                "weight_decay": cfg.SOLVER.STAGE1.WEIGHT_DECAY,
+            }
+        )
+    scheduler = build_scheduler(cfg, optimizer, stage=2)
+    scaler = make_grad_scaler(device, cfg.MODEL.AMP_DTYPE)
+    criterion = build_loss(cfg, data.num_classes)
+    start = 1
+    if ckpt is not None and resumed_stage == 2:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        start = ckpt["epoch"] + 1
+
+    def stage2_epoch_end(epoch: int) -> None:
+        last = epoch == settings.stage2_epochs
+        if last or epoch % settings.stage2_eval_period == 0:
+            summary = evaluate_bundle(model, data, eval_settings, device)
+            log_results(summary, f"Validation Results - Epoch: {epoch}")
+            metrics.update({"epoch": epoch, **summary})
+            append_metrics(cfg.OUTPUT_DIR, {"stage": 2, "epoch": epoch, "eval": summary})
+        if last or epoch % settings.stage2_checkpoint_period == 0:
+            state = _stage_state(model, optimizer, scheduler, scaler, 2, epoch, cfg, metrics)
+            save_checkpoint(state, os.path.join(cfg.OUTPUT_DIR, LAST))
+        if last:
+            # Weights only, official format: read by test_clipreid.py and the official loader.
+            save_checkpoint(
+                model.state_dict(), os.path.join(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth")
+            )
+
+    train_stage2(
+        model,
+        data.train_stage2,
+        criterion,
+        optimizer,
+        scheduler,
+        scaler,
+        settings,
+        device,
+        start_epoch=start,
+        on_epoch_end=stage2_epoch_end,
+    )
+    if start > settings.stage2_epochs and "mAP" not in metrics:
+        summary = evaluate_bundle(model, data, eval_settings, device)
+        log_results(summary, "Validation Results - final")
+        metrics.update(summary)
+    return {k: metrics[k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries")}

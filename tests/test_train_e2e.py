@@ -1,0 +1,166 @@
+"""End-to-end training on tiny synthetic data: train -> test parity, resume, parameter freezing."""
+
+import json
+import os
+
+import pytest
+import torch
+from datasets.build import build_dataloaders
+from model.build import build_model
+
+import processor.train as train_mod
+import test_clipreid
+import train_clipreid
+from configs.config import load_cfg
+from loss.build import build_loss
+from processor.common import build_train_settings, make_grad_scaler
+from processor.stage1 import train_stage1
+from processor.stage2 import train_stage2
+from solver.optimizer import build_optimizer
+from solver.scheduler import build_scheduler
+
+CPU = torch.device("cpu")
+
+
+def _opts(root, out, s1=2, s2=2, extra=()):
+    return [
+        "MODEL.DEVICE", "cpu",
+        "MODEL.NAME", "ViT-T-16-test",
+        "MODEL.PRETRAIN_TAG", "none",
+        "INPUT.SIZE_TRAIN", "[64, 32]",
+        "INPUT.SIZE_TEST", "[64, 32]",
+        "INPUT.PADDING", "4",
+        "DATASETS.NAMES", "synthetic",
+        "DATASETS.ROOT_DIR", str(root),
+        "DATASETS.SYNTHETIC.NUM_IDS", "12",
+        "DATASETS.SYNTHETIC.NUM_CAMERAS", "2",
+        "DATASETS.SYNTHETIC.IMAGES_PER_ID_CAM", "2",
+        "DATASETS.SYNTHETIC.SIZE", "[64, 32]",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.STAGE1.IMS_PER_BATCH", "16",
+        "SOLVER.STAGE1.MAX_EPOCHS", str(s1),
+        "SOLVER.STAGE1.WARMUP_EPOCHS", "1",
+        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1",
+        "SOLVER.STAGE2.IMS_PER_BATCH", "8",
+        "SOLVER.STAGE2.BASE_LR", "1e-3",
+        "SOLVER.STAGE2.MAX_EPOCHS", str(s2),
+        "SOLVER.STAGE2.WARMUP_ITERS", "1",
+        "SOLVER.STAGE2.STEPS", "[100]",
+        "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1",
+        "SOLVER.STAGE2.EVAL_PERIOD", "100",
+        "TEST.IMS_PER_BATCH", "32",
+        "OUTPUT_DIR", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def _last_eval(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r["eval"] for r in records if "eval" in r][-1]
+
+
+def test_train_then_test_reproduces_logged_metrics(tmp_path):
+    out = tmp_path / "run"
+    summary = train_clipreid.main(_opts(tmp_path / "data", out))
+    logged = _last_eval(out)
+    assert logged["mAP"] == pytest.approx(summary["mAP"], abs=1e-9)
+    weights = out / "ViT-T-16-test_2.pth"
+    assert weights.is_file() and (out / "config.yaml").is_file()
+    test_out = tmp_path / "test"
+    argv = ["--config_file", str(out / "config.yaml"), "TEST.WEIGHT", str(weights)]
+    result = test_clipreid.main(argv + ["OUTPUT_DIR", str(test_out)])
+    saved = json.loads((test_out / "test_metrics.json").read_text())
+    for key in ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries"):
+        assert saved[key] == pytest.approx(logged[key], abs=1e-6), key
+        assert result[key] == saved[key]
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [(1, 1), (2, 1)], ids=["in-stage1", "in-stage2"])
+def test_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch, kill_at):
+    data = tmp_path / "data"
+    full = tmp_path / "full"
+    train_clipreid.main(_opts(data, full, s1=2, s2=2))
+
+    killed = tmp_path / "killed"
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(state, path):
+        real_save(state, path)
+        if isinstance(state, dict) and (state.get("stage"), state.get("epoch")) == kill_at:
+            raise _Killed
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train_clipreid.main(_opts(data, killed, s1=2, s2=2))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    train_clipreid.main([*_opts(data, killed, s1=2, s2=2), "SOLVER.RESUME", "auto"])
+
+    a = torch.load(full / "ViT-T-16-test_2.pth", weights_only=True)
+    b = torch.load(killed / "ViT-T-16-test_2.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def _setup(tmp_path, extra=()):
+    cfg = load_cfg(None, _opts(tmp_path / "data", tmp_path / "out", s1=1, s2=1, extra=extra))
+    data = build_dataloaders(cfg)
+    model = build_model(cfg, data.num_classes, data.num_cameras, data.num_views)
+    return cfg, data, model
+
+
+def _changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_one_stage1_epoch_changes_only_the_prompt_tokens(tmp_path):
+    cfg, data, model = _setup(tmp_path)
+    model.set_trainable(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = build_optimizer(cfg, params, stage=1)
+    train_stage1(
+        model, data.train_stage1, opt, build_scheduler(cfg, opt, stage=1),
+        make_grad_scaler(CPU, "fp32"), build_train_settings(cfg), CPU,
+    )  # fmt: skip
+    assert _changed(before, model.state_dict()) == {"prompt_learner.cls_ctx"}
+    assert all(p.grad is None for n, p in model.named_parameters() if "text_encoder" in n)
+
+
+def test_one_stage2_epoch_leaves_the_text_side_unchanged(tmp_path):
+    cfg, data, model = _setup(tmp_path)
+    model.set_trainable(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = build_optimizer(cfg, params, stage=2)
+    train_stage2(
+        model, data.train_stage2, build_loss(cfg, data.num_classes), opt,
+        build_scheduler(cfg, opt, stage=2), make_grad_scaler(CPU, "fp32"),
+        build_train_settings(cfg), CPU,
+    )  # fmt: skip
+    changed = _changed(before, model.state_dict())
+    assert not {k for k in changed if k.startswith(("text_encoder.", "prompt_learner."))}
+    assert any(k.startswith("image_encoder.") for k in changed)
+    assert {"classifier.weight", "classifier_proj.weight"} <= changed
+
+
+def test_baseline_and_one_stage_variants_train(tmp_path):
+    """Smoke test of the two variants, plus what distinguishes them from two-stage CLIP-ReID."""
+    base = train_clipreid.main(
+        _opts(tmp_path / "data", tmp_path / "base", s2=1, extra=["MODEL.METHOD", "baseline"])
+    )
+    sd = torch.load(tmp_path / "base" / "ViT-T-16-test_1.pth", weights_only=True)
+    assert not any(k.startswith(("text_encoder.", "prompt_learner.")) for k in sd)
+    assert 0.0 <= base["mAP"] <= 1.0
+    one = tmp_path / "one"
+    variant = ["MODEL.METHOD", "clipreid_one_stage", "SOLVER.STAGE2.TEXT_LOSSES", "['i2t', 't2i']"]
+    train_clipreid.main(_opts(tmp_path / "data", one, s2=1, extra=variant))
+    assert not (one / "ViT-T-16-test_stage1_2.pth").exists()
+    records = [json.loads(line) for line in open(one / "metrics.jsonl")]
+    stage2 = [r for r in records if r.get("stage") == 2 and "loss" in r]
+    assert stage2 and {"i2t", "t2i", "id", "tri"} <= set(stage2[0])
