@@ -56,6 +56,21 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def _restore(ckpt: dict | None, stage: int, optimizer, scheduler, scaler) -> int:
+    """Load the optimizer/scheduler/scaler/RNG state of ``stage`` from a checkpoint.
+
+    Returns:
+        The first epoch to run: 1 without a checkpoint of this stage, else the next epoch.
+    """
+    if ckpt is None or ckpt["stage"] != stage:
+        return 1
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["epoch"] + 1
+
+
 def _stage_state(
     model, optimizer, scheduler, scaler, stage: int, epoch: int, cfg, metrics: dict
 ) -> dict[str, Any]:
@@ -106,13 +121,7 @@ def train(cfg, device: torch.device) -> dict[str, float]:
         optimizer = build_optimizer(cfg, _trainable(model), stage=1)
         scheduler = build_scheduler(cfg, optimizer, stage=1)
         scaler = make_grad_scaler(device, cfg.MODEL.AMP_DTYPE)
-        start = 1
-        if ckpt is not None and resumed_stage == 1:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"])
-            start = ckpt["epoch"] + 1
+        start = _restore(ckpt, 1, optimizer, scheduler, scaler)
 
         def stage1_epoch_end(epoch: int) -> None:
             last = epoch == settings.stage1_epochs
@@ -156,13 +165,7 @@ def train(cfg, device: torch.device) -> dict[str, float]:
     scheduler = build_scheduler(cfg, optimizer, stage=2)
     scaler = make_grad_scaler(device, cfg.MODEL.AMP_DTYPE)
     criterion = build_loss(cfg, data.num_classes)
-    start = 1
-    if ckpt is not None and resumed_stage == 2:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        start = ckpt["epoch"] + 1
+    start = _restore(ckpt, 2, optimizer, scheduler, scaler)
 
     def stage2_epoch_end(epoch: int) -> None:
         last = epoch == settings.stage2_epochs

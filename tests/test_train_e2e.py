@@ -5,19 +5,20 @@ import os
 
 import pytest
 import torch
-from datasets.build import build_dataloaders
-from model.build import build_model
 
 import processor.train as train_mod
 import test_clipreid
 import train_clipreid
 from configs.config import load_cfg
+from datasets.build import build_dataloaders
 from loss.build import build_loss
+from model.build import build_model
 from processor.common import build_train_settings, make_grad_scaler
 from processor.stage1 import train_stage1
 from processor.stage2 import train_stage2
 from solver.optimizer import build_optimizer
 from solver.scheduler import build_scheduler
+from tests.conftest import OFFICIAL_CONFIGS
 
 CPU = torch.device("cpu")
 
@@ -164,3 +165,19 @@ def test_baseline_and_one_stage_variants_train(tmp_path):
     records = [json.loads(line) for line in open(one / "metrics.jsonl")]
     stage2 = [r for r in records if r.get("stage") == 2 and "loss" in r]
     assert stage2 and {"i2t", "t2i", "id", "tri"} <= set(stage2[0])
+
+
+@pytest.mark.parametrize(
+    "official,name",
+    [("person/vit_clipreid.yml", "ViT-T-16-test"), ("person/cnn_base.yml", "RN-T-test")],
+)
+def test_official_yaml_runs_unchanged(tmp_path, official, name):
+    """An official YAML as shipped (empty DATASETS block; flat SOLVER for the baseline) trains."""
+    path = os.path.join(OFFICIAL_CONFIGS, official)
+    out = tmp_path / "out"
+    opts = _opts(tmp_path / "data", out, s1=1, s2=1)
+    opts[opts.index("MODEL.NAME") + 1] = name
+    summary = train_clipreid.main(["--config_file", path, *opts])
+    cfg = load_cfg(str(out / "config.yaml"))
+    assert cfg.MODEL.METHOD == ("baseline" if "base" in official else "clipreid")
+    assert (out / f"{name}_1.pth").is_file() and 0.0 <= summary["mAP"] <= 1.0
