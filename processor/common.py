@@ -82,7 +82,7 @@ def autocast(device: torch.device, amp_dtype: str) -> contextlib.AbstractContext
     """
     if device.type != "cuda" or amp_dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda", dtype=_AMP_DTYPES[amp_dtype])
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp_dtype])
 
 
 def make_grad_scaler(device: torch.device, amp_dtype: str) -> torch.amp.GradScaler:
