@@ -1,4 +1,4 @@
-"""Tests of loss/: pure functions against formulas, brute-force loops and pytorch-metric-learning."""
+"""Tests of loss/: pure functions against formulas, brute-force loops, pytorch-metric-learning."""
 
 from __future__ import annotations
 
