@@ -1,5 +1,6 @@
 """End-to-end training on tiny synthetic data: train -> test parity, resume, parameter freezing."""
 
+import glob
 import json
 import os
 
@@ -168,12 +169,19 @@ def test_baseline_and_one_stage_variants_train(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "official,name",
-    [("person/vit_clipreid.yml", "ViT-T-16-test"), ("person/cnn_base.yml", "RN-T-test")],
+    "official",
+    sorted(
+        os.path.relpath(p, OFFICIAL_CONFIGS)
+        for p in glob.glob(os.path.join(OFFICIAL_CONFIGS, "*", "*.yml"))
+    ),
 )
-def test_official_yaml_runs_unchanged(tmp_path, official, name):
-    """An official YAML as shipped (empty DATASETS block; flat SOLVER for the baseline) trains."""
+def test_official_yaml_runs_unchanged(tmp_path, official):
+    """An official YAML as shipped (empty DATASETS block; flat SOLVER for the baseline) trains.
+
+    Only the size of the run changes: a tiny model of the same family on tiny synthetic data.
+    """
     path = os.path.join(OFFICIAL_CONFIGS, official)
+    name = "RN-T-test" if os.path.basename(official).startswith("cnn") else "ViT-T-16-test"
     out = tmp_path / "out"
     opts = _opts(tmp_path / "data", out, s1=1, s2=1)
     opts[opts.index("MODEL.NAME") + 1] = name
