@@ -202,6 +202,9 @@ def _resolve(cfg: CN, explicit: set[str]) -> None:
             names == ["synthetic"] and cfg.DATASETS.SYNTHETIC.MODE == "vehicle"
         )
         cfg.MODEL.PROMPT_CLASS = "vehicle" if vehicle else "person"
+    if cfg.MODEL.METHOD == "pcl" and "TEST.NECK_FEAT" not in explicit:
+        # PCL-CLIP's memory bank and eval feature are the post-BN feature (no pre-BN variant).
+        cfg.TEST.NECK_FEAT = "after"
 
 
 def validate_cfg(cfg: CN) -> None:
@@ -268,6 +271,16 @@ def validate_cfg(cfg: CN) -> None:
         raise ConfigError("SOLVER.STAGE2.EVAL_PERIOD and CHECKPOINT_PERIOD must be >= 1")
     if cfg.SOLVER.STAGE1.CHECKPOINT_PERIOD < 1:
         raise ConfigError("SOLVER.STAGE1.CHECKPOINT_PERIOD must be >= 1")
+    if cfg.MODEL.METHOD == "pcl" and cfg.TEST.NECK_FEAT != "after":
+        raise ConfigError(
+            "MODEL.METHOD 'pcl' evaluates (and builds its memory bank from) the post-BN feature: "
+            "set TEST.NECK_FEAT 'after'"
+        )
+    if cfg.MODEL.PCL_TEMPERATURE <= 0 or not 0.0 <= cfg.MODEL.MEMORY_MOMENTUM <= 1.0:
+        raise ConfigError(
+            f"MODEL.PCL_TEMPERATURE = {cfg.MODEL.PCL_TEMPERATURE} must be > 0 and "
+            f"MODEL.MEMORY_MOMENTUM = {cfg.MODEL.MEMORY_MOMENTUM} in [0, 1]"
+        )
 
 
 def load_cfg(config_file: str | None = None, opts: Sequence[str] = (), freeze: bool = True) -> CN:

@@ -20,7 +20,8 @@ _C.MODEL = CN()
 _C.MODEL.DEVICE = "auto"
 # Backbone: 'ViT-B-16' or 'RN50' (the paper's two); tiny '*-test' variants exist for tests/demo.
 _C.MODEL.NAME = "ViT-B-16"
-# 'clipreid' (two stages), 'clipreid_one_stage' (paper Tab. 5), 'baseline' (image encoder only).
+# 'clipreid' (two stages), 'clipreid_one_stage' (paper Tab. 5), 'baseline' (image encoder only),
+# 'pcl' (PCL-CLIP, Li & Gong 2023: one stage, image encoder only, centroid memory bank).
 _C.MODEL.METHOD = "clipreid"
 # Local CLIP weights (OpenAI TorchScript archive or state dict); '' downloads PRETRAIN_TAG.
 _C.MODEL.PRETRAIN_PATH = ""
@@ -56,6 +57,14 @@ _C.MODEL.LABEL_SMOOTH_EPS = 0.1
 _C.MODEL.NO_MARGIN = False
 # Temperature of the contrastive losses on raw dot products; 1.0 as the official code.
 _C.MODEL.TEMPERATURE = 1.0
+# Weight of the PCL-CLIP prototypical contrastive loss (MODEL.METHOD 'pcl'); 1.0 as the paper.
+_C.MODEL.PCL_LOSS_WEIGHT = 1.0
+# Temperature of the PCL loss on cosine logits; 0.05 is hard-coded in the official PCL-CLIP code.
+_C.MODEL.PCL_TEMPERATURE = 0.05
+# PCL centroid momentum m (c <- m*c + (1-m)*x_hard); 0.2 as the official PCL-CLIP config.
+_C.MODEL.MEMORY_MOMENTUM = 0.2
+# Freeze the ViT patch embedding (conv1), the MoCo v3 stability trick PCL-CLIP uses; ViT only.
+_C.MODEL.FREEZE_PATCH_EMBED = False
 # Mixed precision on CUDA: 'fp16' (with a grad scaler, official), 'bf16' or 'fp32'. CPU runs fp32.
 _C.MODEL.AMP_DTYPE = "fp16"
 
@@ -193,7 +202,7 @@ _C.SOLVER.STAGE2.CHECKPOINT_PERIOD = 60
 _C.SOLVER.STAGE2.LOG_PERIOD = 50
 # Evaluate every N epochs (and always at the end).
 _C.SOLVER.STAGE2.EVAL_PERIOD = 60
-# Stage-2 text losses (Tab. 6): any of 'i2tce' (the paper's), 'i2t', 't2i'; ignored by the baseline.
+# Stage-2 text losses (Tab. 6): 'i2tce' (the paper's), 'i2t', 't2i'; ignored by baseline and pcl.
 _C.SOLVER.STAGE2.TEXT_LOSSES = ["i2tce"]
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +221,7 @@ _C.TEST.RE_RANKING_K2 = 15
 _C.TEST.RE_RANKING_LAMBDA = 0.3
 # Checkpoint to evaluate with test_clipreid.py.
 _C.TEST.WEIGHT = ""
-# Eval feature: 'before' (pre-BN, every official YAML) or 'after' the BNNecks.
+# Eval feature: 'before' (pre-BN, every official YAML) or 'after' the BNNecks ('pcl': always after).
 _C.TEST.NECK_FEAT = "before"
 # L2-normalise eval features (legacy 'yes'/'no' accepted; 'no' really turns it off).
 _C.TEST.FEAT_NORM = True
@@ -289,7 +298,7 @@ FLAT_SOLVER_KEYS = (
 # Allowed values of the keys that take a fixed set of choices.
 CHOICES: dict[str, tuple] = {
     "MODEL.NAME": ("ViT-B-16", "RN50", "ViT-T-16-test", "RN-T-test"),
-    "MODEL.METHOD": ("clipreid", "clipreid_one_stage", "baseline"),
+    "MODEL.METHOD": ("clipreid", "clipreid_one_stage", "baseline", "pcl"),
     "MODEL.SIE_MODE": ("cls", "all"),
     "MODEL.AMP_DTYPE": ("fp16", "bf16", "fp32"),
     "DATALOADER.SAMPLER": ("softmax_triplet", "softmax"),

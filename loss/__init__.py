@@ -1,6 +1,6 @@
-"""Losses of CLIP-ReID: pure functions and the config-built, named weighted terms."""
+"""Losses of CLIP-ReID and PCL-CLIP: pure functions and the config-built, named weighted terms."""
 
-from .build import SAMPLERS, TEXT_LOSSES, ReIDLoss, build_loss, stage1_loss
+from .build import SAMPLERS, TEXT_LOSSES, ReIDLoss, build_loss, build_pcl_loss, stage1_loss
 from .functional import (
     cross_entropy_label_smooth,
     euclidean_dist,
@@ -9,16 +9,22 @@ from .functional import (
     supcon_loss,
     triplet_loss,
 )
+from .pcl import PCLLoss, hard_centroid_update, pcl_loss, pid_centroids
 
 __all__ = [
+    "PCLLoss",
     "SAMPLERS",
     "TEXT_LOSSES",
     "ReIDLoss",
     "build_loss",
+    "build_pcl_loss",
     "cross_entropy_label_smooth",
     "euclidean_dist",
+    "hard_centroid_update",
     "i2t_cross_entropy",
     "i2t_logits",
+    "pcl_loss",
+    "pid_centroids",
     "stage1_loss",
     "supcon_loss",
     "triplet_loss",

@@ -1,4 +1,4 @@
-"""Build the CLIP-ReID training losses from a config: named, weighted terms."""
+"""Build the training losses (CLIP-ReID, baseline, PCL-CLIP) from a config: named weighted terms."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from .functional import cross_entropy_label_smooth, i2t_cross_entropy, supcon_loss, triplet_loss
+from .pcl import PCLLoss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SAMPLERS", "TEXT_LOSSES", "ReIDLoss", "build_loss", "stage1_loss"]
+__all__ = ["SAMPLERS", "TEXT_LOSSES", "ReIDLoss", "build_loss", "build_pcl_loss", "stage1_loss"]
 
 # Stage-2 text losses: 'i2tce' is the paper's L_i2tce (the default); 'i2t' / 't2i' are the
 # in-batch contrastive alternatives of the paper's Tab. 6 ablation.
@@ -185,31 +186,64 @@ class ReIDLoss(nn.Module):
         return losses
 
 
-def build_loss(cfg: Any, num_classes: int) -> ReIDLoss:
-    """Build the second-stage / baseline loss from the config.
-
-    Reads ``MODEL.{IF_LABELSMOOTH, LABEL_SMOOTH_EPS, ID_LOSS_WEIGHT, TRIPLET_LOSS_WEIGHT,
-    I2T_LOSS_WEIGHT, NO_MARGIN, TEMPERATURE}``, ``SOLVER.MARGIN``, ``DATALOADER.SAMPLER`` and
-    ``SOLVER.STAGE2.TEXT_LOSSES``. The official center loss is left out: it was built but never
-    added to the objective.
-
-    Args:
-        cfg: yacs config.
-        num_classes: number of training identities (checked against the logits).
-
-    Returns:
-        The :class:`ReIDLoss`.
-    """
-    sampler = cfg.DATALOADER.SAMPLER
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown DATALOADER.SAMPLER {sampler!r}; valid names: {list(SAMPLERS)}")
-    for key in ("IF_LABELSMOOTH", "NO_MARGIN"):
+def _check_bools(cfg: Any, keys: Sequence[str]) -> None:
+    for key in keys:
         # bool('off') is True: a legacy string here would silently flip the setting.
         if not isinstance(cfg.MODEL[key], bool):
             raise TypeError(
                 f"MODEL.{key} must be a bool, got {cfg.MODEL[key]!r} (legacy 'on'/'off' "
                 "strings are converted when the config is loaded)"
             )
+
+
+def build_pcl_loss(cfg: Any, num_classes: int) -> PCLLoss:
+    """Build the PCL-CLIP objective (``MODEL.METHOD 'pcl'``) from the config.
+
+    Reads ``MODEL.{PCL_LOSS_WEIGHT, ID_LOSS_WEIGHT, PCL_TEMPERATURE, MEMORY_MOMENTUM,
+    IF_LABELSMOOTH, LABEL_SMOOTH_EPS}``. No triplet and no text term.
+
+    Args:
+        cfg: yacs config.
+        num_classes: number of training identities (rows of the memory bank).
+
+    Returns:
+        The :class:`PCLLoss` (its memory is filled by ``build_memory`` each epoch).
+    """
+    _check_bools(cfg, ("IF_LABELSMOOTH",))
+    eps = float(cfg.MODEL.LABEL_SMOOTH_EPS) if cfg.MODEL.IF_LABELSMOOTH else 0.0
+    loss = PCLLoss(
+        pcl_weight=float(cfg.MODEL.PCL_LOSS_WEIGHT),
+        id_weight=float(cfg.MODEL.ID_LOSS_WEIGHT),
+        temperature=float(cfg.MODEL.PCL_TEMPERATURE),
+        momentum=float(cfg.MODEL.MEMORY_MOMENTUM),
+        label_smooth_eps=eps,
+        num_classes=num_classes,
+    )
+    logger.info("loss: %s", loss.extra_repr())
+    return loss
+
+
+def build_loss(cfg: Any, num_classes: int) -> ReIDLoss | PCLLoss:
+    """Build the second-stage / baseline loss (or, for ``MODEL.METHOD 'pcl'``, the PCL loss).
+
+    Reads ``MODEL.{IF_LABELSMOOTH, LABEL_SMOOTH_EPS, ID_LOSS_WEIGHT, TRIPLET_LOSS_WEIGHT,
+    I2T_LOSS_WEIGHT, NO_MARGIN, TEMPERATURE}``, ``SOLVER.MARGIN``, ``DATALOADER.SAMPLER`` and
+    ``SOLVER.STAGE2.TEXT_LOSSES``; PCL-CLIP is built by :func:`build_pcl_loss`. The official
+    center loss is left out: it was built but never added to the objective.
+
+    Args:
+        cfg: yacs config.
+        num_classes: number of training identities (checked against the logits).
+
+    Returns:
+        The :class:`ReIDLoss`, or the :class:`PCLLoss` for ``MODEL.METHOD 'pcl'``.
+    """
+    if cfg.MODEL.METHOD == "pcl":
+        return build_pcl_loss(cfg, num_classes)
+    sampler = cfg.DATALOADER.SAMPLER
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown DATALOADER.SAMPLER {sampler!r}; valid names: {list(SAMPLERS)}")
+    _check_bools(cfg, ("IF_LABELSMOOTH", "NO_MARGIN"))
     eps = float(cfg.MODEL.LABEL_SMOOTH_EPS) if cfg.MODEL.IF_LABELSMOOTH else 0.0
     loss = ReIDLoss(
         id_weight=cfg.MODEL.ID_LOSS_WEIGHT,

@@ -17,7 +17,9 @@ __all__ = ["build_model"]
 logger = logging.getLogger(__name__)
 
 METHODS_WITH_TEXT = ("clipreid", "clipreid_one_stage")
-METHODS = (*METHODS_WITH_TEXT, "baseline")
+METHODS = (*METHODS_WITH_TEXT, "baseline", "pcl")
+# Head variant of each method: PCL-CLIP has one classifier on the concatenated post-BN feature.
+_HEAD_OF_METHOD = {"pcl": "pcl"}
 
 
 def build_model(
@@ -32,8 +34,9 @@ def build_model(
 
     Reads MODEL.NAME, MODEL.METHOD, MODEL.STRIDE_SIZE, MODEL.SIE_CAMERA, MODEL.SIE_VIEW,
     MODEL.SIE_COE, MODEL.SIE_MODE, MODEL.PRETRAIN_PATH, MODEL.PRETRAIN_TAG,
-    MODEL.PROMPT_TEMPLATE, MODEL.PROMPT_CLASS, MODEL.PROMPT_N_CTX, INPUT.SIZE_TRAIN,
-    INPUT.SIZE_TEST and TEST.NECK_FEAT.
+    MODEL.PROMPT_TEMPLATE, MODEL.PROMPT_CLASS, MODEL.PROMPT_N_CTX, MODEL.FREEZE_PATCH_EMBED,
+    INPUT.SIZE_TRAIN, INPUT.SIZE_TEST and TEST.NECK_FEAT. ``MODEL.METHOD 'pcl'`` builds the
+    PCL-CLIP head (``head='pcl'``: one classifier on the 1280-d post-BN feature of ViT-B-16).
 
     Args:
         cfg: the (validated) config.
@@ -97,12 +100,16 @@ def build_model(
         with_text=with_text,
         prompt_template=template,
         n_ctx=int(m.PROMPT_N_CTX),
+        head=_HEAD_OF_METHOD.get(m.METHOD, "clipreid"),
+        freeze_patch_embed=bool(m.FREEZE_PATCH_EMBED),
     )
     enc = model.image_encoder
     logger.info(
-        "Built %s (%s): %dx%d grid (%d tokens) for %dx%d input, eval feature %d-d, %d identities%s",
+        "Built %s (%s, %s head): %dx%d grid (%d tokens) for %dx%d input, eval feature %d-d, "
+        "%d identities%s%s",
         arch.name,
         m.METHOD,
+        model.head,
         enc.grid[0],
         enc.grid[1],
         enc.num_tokens,
@@ -113,5 +120,6 @@ def build_model(
         f", SIE {tuple(model.cv_embed.shape)} x {model.sie_coe}"
         if model.cv_embed is not None
         else "",
+        ", patch embedding frozen" if model.freeze_patch_embed else "",
     )
     return model

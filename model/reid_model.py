@@ -1,4 +1,4 @@
-"""The CLIP-ReID model: one class for the two-stage method and for the image-only baseline.
+"""The ReID model: one class for CLIP-ReID (two-stage and one-stage), the baseline and PCL-CLIP.
 
 Layout (state-dict names follow the official CLIP-ReID checkpoints, so they load directly):
 
@@ -7,6 +7,8 @@ Layout (state-dict names follow the official CLIP-ReID checkpoints, so they load
 * ``bottleneck`` / ``bottleneck_proj``: BNNecks on ``f`` and ``f_proj`` (weight 1, bias 0, bias
   frozen);
 * ``classifier`` / ``classifier_proj``: bias-free identity classifiers (init N(0, 0.001^2));
+  the PCL-CLIP head (``head='pcl'``) has one ``classifier`` on the concatenated post-BN feature
+  [D + E] and no ``classifier_proj``;
 * ``prompt_learner`` (``cls_ctx``, ``token_prefix``, ``token_suffix``) and ``text_encoder``
   (CLIP text tower): only in the CLIP-ReID model, ``None`` in the baseline.
 """
@@ -24,9 +26,21 @@ from model.clip.text import TextEncoder
 from model.clip.vision import ResNetReIDEncoder, VisionFeatures, ViTReIDEncoder
 from model.prompt_learner import PromptLearner
 
-__all__ = ["NECK_FEATS", "ReIDModel", "ReIDTrainOutput", "TEXT_PREFIXES"]
+__all__ = [
+    "HEADS",
+    "NECK_FEATS",
+    "PATCH_EMBED_PREFIX",
+    "ReIDModel",
+    "ReIDTrainOutput",
+    "TEXT_PREFIXES",
+]
 
 NECK_FEATS = ("before", "after")
+# 'clipreid': a classifier per BNNeck (CLIP-ReID, baseline); 'pcl': one classifier on the
+# concatenated BNNeck outputs (PCL-CLIP, Li & Gong 2023).
+HEADS = ("clipreid", "pcl")
+# State-dict prefix of the ViT patch embedding (frozen by ``freeze_patch_embed``).
+PATCH_EMBED_PREFIX = "image_encoder.conv1."
 # State-dict prefixes of the text side (absent from the baseline model).
 TEXT_PREFIXES = ("prompt_learner.", "text_encoder.")
 
@@ -35,15 +49,19 @@ class ReIDTrainOutput(NamedTuple):
     """Training-mode output of ``ReIDModel.forward``.
 
     Attributes:
-        cls_scores: [classifier(BN(f)), classifier_proj(BN(f_proj))], each [B, C].
+        cls_scores: [classifier(BN(f)), classifier_proj(BN(f_proj))], each [B, C]; with the PCL
+            head one entry, [classifier(cat(BN(f), BN(f_proj)))] [B, C].
         feats: [f_last, f, f_proj] before the BNNecks ([B, D_last], [B, D], [B, E]); the triplet
             loss is applied to each.
         proj: f_proj [B, E], for the image-to-text loss against the text features.
+        embedding: PCL head only: cat(BN(f), BN(f_proj)) [B, D + E] (train-mode BN), the input
+            of the PCL loss; ``None`` with the CLIP-ReID head.
     """
 
     cls_scores: list[Tensor]
     feats: list[Tensor]
     proj: Tensor
+    embedding: Tensor | None = None
 
 
 def _bnneck(dim: int) -> nn.BatchNorm1d:
@@ -78,7 +96,7 @@ def _build_image_encoder(
 
 
 class ReIDModel(nn.Module):
-    """CLIP-ReID model (image encoder, BNNecks, classifiers, optional SIE and text side).
+    """ReID model (image encoder, BNNecks, classifiers, optional SIE and text side).
 
     The constructor adopts the towers of an ``open_clip.CLIP`` whose weights are already loaded
     (``model.build.build_model`` loads them), resizes the positional embeddings to the ReID grid
@@ -97,10 +115,15 @@ class ReIDModel(nn.Module):
         sie_view: enable the viewpoint SIE (``MODEL.SIE_VIEW``).
         sie_coe: SIE scale (``MODEL.SIE_COE``).
         sie_mode: ``'cls'`` (CLS / pool-query token only) or ``'all'`` tokens.
-        neck_feat: eval feature before (``'before'``) or after (``'after'``) the BNNecks.
-        with_text: build the prompt learner and text encoder (False: the baseline).
+        neck_feat: eval feature before (``'before'``) or after (``'after'``) the BNNecks; the
+            PCL head needs ``'after'``.
+        with_text: build the prompt learner and text encoder (False: baseline and PCL-CLIP).
         prompt_template: prompt text with ``n_ctx`` consecutive 'X' placeholders.
         n_ctx: number M of learnable tokens per identity.
+        head: ``'clipreid'`` (one classifier per BNNeck) or ``'pcl'`` (PCL-CLIP: one classifier
+            on the concatenated post-BN feature [D + E], which is also the eval feature).
+        freeze_patch_embed: keep the ViT patch embedding (``conv1``) frozen in every stage
+            (``MODEL.FREEZE_PATCH_EMBED``; ViT only).
     """
 
     def __init__(
@@ -121,15 +144,31 @@ class ReIDModel(nn.Module):
         with_text: bool = True,
         prompt_template: str = "A photo of a X X X X person.",
         n_ctx: int = 4,
+        head: str = "clipreid",
+        freeze_patch_embed: bool = False,
     ) -> None:
         super().__init__()
         if neck_feat not in NECK_FEATS:
             raise ValueError(f"TEST.NECK_FEAT must be one of {NECK_FEATS}, got {neck_feat!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head == "pcl" and neck_feat != "after":
+            raise ValueError(
+                "the PCL head evaluates the post-BN feature (its memory bank is built from it): "
+                "set TEST.NECK_FEAT 'after'"
+            )
+        if freeze_patch_embed and arch.kind != "vit":
+            raise ValueError(
+                f"MODEL.FREEZE_PATCH_EMBED freezes a ViT patch embedding; {arch.name} has none. "
+                "Set it False."
+            )
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
         self.arch = arch
         self.num_classes = num_classes
         self.neck_feat = neck_feat
+        self.head = head
+        self.freeze_patch_embed = bool(freeze_patch_embed)
         size = (int(image_size[0]), int(image_size[1]))
         stride_pair = (int(stride[0]), int(stride[1]))
         self.image_encoder = _build_image_encoder(
@@ -164,8 +203,12 @@ class ReIDModel(nn.Module):
 
         self.bottleneck = _bnneck(dims.final)
         self.bottleneck_proj = _bnneck(dims.proj)
-        self.classifier = _classifier(dims.final, num_classes)
-        self.classifier_proj = _classifier(dims.proj, num_classes)
+        if head == "pcl":
+            self.classifier = _classifier(dims.final + dims.proj, num_classes)
+            self.classifier_proj = None
+        else:
+            self.classifier = _classifier(dims.final, num_classes)
+            self.classifier_proj = _classifier(dims.proj, num_classes)
         device = _module_device(self.image_encoder)
         for module in (
             self.bottleneck,
@@ -173,7 +216,10 @@ class ReIDModel(nn.Module):
             self.classifier,
             self.classifier_proj,
         ):
-            module.to(device)
+            if module is not None:
+                module.to(device)
+        if self.freeze_patch_embed:
+            self.image_encoder.conv1.requires_grad_(False)
 
         if with_text:
             self.prompt_learner = PromptLearner(
@@ -253,17 +299,21 @@ class ReIDModel(nn.Module):
         """
         return self.image_encoder(images, self.sie_vectors(camids, viewids))
 
+    def _neck(self, feats: VisionFeatures) -> Tensor:
+        """cat(BN(f), BN(f_proj)) [B, D + E] (train- or eval-mode BN, as the module is)."""
+        return torch.cat([self.bottleneck(feats.final), self.bottleneck_proj(feats.proj)], dim=1)
+
     def _eval_feature(self, feats: VisionFeatures) -> Tensor:
         if self.neck_feat == "after":
-            return torch.cat(
-                [self.bottleneck(feats.final), self.bottleneck_proj(feats.proj)], dim=1
-            )
+            return self._neck(feats)
         return torch.cat([feats.final, feats.proj], dim=1)
 
     def encode_image(
         self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
     ) -> Tensor:
         """Evaluation feature: cat(f, f_proj) (``neck_feat='before'``) or their BNNeck outputs.
+
+        The PCL head always uses the BNNeck outputs (its memory bank holds this feature).
 
         Call in eval mode (BNNecks use running statistics); the evaluator normalises the whole
         vector.
@@ -325,11 +375,15 @@ class ReIDModel(nn.Module):
         feats = self.image_features(images, camids, viewids)
         if not self.training:
             return self._eval_feature(feats)
+        pre_bn = [feats.last, feats.final, feats.proj]
+        if self.head == "pcl":
+            embedding = self._neck(feats)
+            return ReIDTrainOutput([self.classifier(embedding)], pre_bn, feats.proj, embedding)
         scores = [
             self.classifier(self.bottleneck(feats.final)),
             self.classifier_proj(self.bottleneck_proj(feats.proj)),
         ]
-        return ReIDTrainOutput(scores, [feats.last, feats.final, feats.proj], feats.proj)
+        return ReIDTrainOutput(scores, pre_bn, feats.proj)
 
     # ------------------------------------------------------------------------------------------
     def set_trainable(self, stage: int) -> list[str]:
@@ -340,6 +394,8 @@ class ReIDModel(nn.Module):
         * 2: everything except the prompt learner and the text encoder; the BNNeck biases stay
           frozen.
         * 0: one-stage training (paper Tab. 5): stage 2's set plus the prompt tokens.
+
+        With ``freeze_patch_embed`` the ViT patch embedding stays frozen in stages 0 and 2.
 
         Args:
             stage: 0, 1 or 2.
@@ -361,6 +417,9 @@ class ReIDModel(nn.Module):
                 train = name == "prompt_learner.cls_ctx"
             else:
                 train = not name.startswith(TEXT_PREFIXES) and name not in frozen_bias
+                train = train and not (
+                    self.freeze_patch_embed and name.startswith(PATCH_EMBED_PREFIX)
+                )
                 train = train or (stage == 0 and name == "prompt_learner.cls_ctx")
             param.requires_grad_(train)
             if train:

@@ -1,14 +1,17 @@
-"""Stage 2 of CLIP-ReID (and the one-stage and baseline variants): fine-tune the image encoder."""
+"""Stage 2 of CLIP-ReID (also one-stage, baseline and PCL-CLIP): fine-tune the image encoder."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from model.build import METHODS_WITH_TEXT
 from processor.common import TrainSettings, autocast, format_terms, sie_labels
+from processor.evaluate import EvalSettings, extract_features
 from utils.logger import PeriodMeter, append_metrics, progress
 from utils.seed import epoch_seed, seed_everything
 
@@ -39,6 +42,41 @@ def compute_text_bank(
     return torch.cat(chunks)
 
 
+def rebuild_memory_bank(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    criterion: torch.nn.Module,
+    device: torch.device,
+    settings: EvalSettings,
+) -> torch.Tensor:
+    """Rebuild PCL-CLIP's centroid memory from the whole training set (start of every epoch).
+
+    The features are the model's eval feature (post-BN for the PCL head, eval-mode BN) of every
+    training image with test transforms, extracted by the one inference path
+    (:func:`processor.evaluate.extract_features`); the criterion turns them into per-ID centroids.
+
+    Args:
+        model: the ReID model with the PCL head.
+        loader: the train set with test transforms, in order (``DataBundle.train_eval``).
+        criterion: the :class:`loss.pcl.PCLLoss` (``build_memory``).
+        device: where the model runs.
+        settings: evaluation settings (SIE flags, precision).
+
+    Returns:
+        The new float32 centroids [C, D] on ``device``.
+    """
+    t0 = time.perf_counter()
+    feats, pids, _, _ = extract_features(model, loader, device, settings)
+    centroids = criterion.build_memory(feats, torch.as_tensor(pids, device=feats.device))
+    logger.info(
+        "[stage2] memory bank %s from %d images in %.1fs",
+        tuple(centroids.shape),
+        feats.shape[0],
+        time.perf_counter() - t0,
+    )
+    return centroids
+
+
 def train_stage2(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -50,36 +88,48 @@ def train_stage2(
     device: torch.device,
     start_epoch: int = 1,
     on_epoch_end: Callable[[int], None] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    on_step_end: Callable[[Any, torch.Tensor], None] | None = None,
+    lr_epoch_offset: int = 0,
 ) -> None:
     """Run stage-2 epochs ``start_epoch..MAX_EPOCHS``.
 
     Per P x K batch: ID cross-entropy on both heads, triplet on the three features, and the
     configured text losses (``i2tce`` against the cached text bank by default). In the one-stage
     variant the prompts train too, so the batch IDs' text features are computed with gradients.
+    PCL-CLIP runs through the same loop: its criterion takes ``(out, pids)`` only, the memory bank
+    is rebuilt by ``on_epoch_start`` and moved by ``on_step_end``.
 
     Args:
         model: the ReID model with stage-2 parameters trainable.
         loader: P x K train loader (its sampler has ``set_epoch``).
         criterion: built loss; returns named weighted terms.
         optimizer: stage-2 optimizer.
-        scheduler: epoch scheduler, stepped at the start of each epoch (official order).
+        scheduler: epoch scheduler, stepped at the start of each epoch (official order) with
+            ``epoch - lr_epoch_offset``.
         scaler: gradient scaler.
         settings: training settings.
         device: where training runs.
         start_epoch: first epoch to run (after a resume).
         on_epoch_end: called with the finished epoch (evaluation, checkpointing).
+        on_epoch_start: called with the epoch after its seeding, before its first batch (e.g.
+            rebuilding a memory bank from the current weights).
+        on_step_end: called with (training output, pids [B]) after every optimizer step (e.g.
+            a memory-bank update).
+        lr_epoch_offset: 1 gives epoch ``k`` the lr of ``k - 1``, as loops that step the
+            scheduler at the END of each epoch do (PCL-CLIP); 0 is CLIP-ReID's order.
     """
     if start_epoch > settings.stage2_epochs:
         return
     one_stage = settings.method == "clipreid_one_stage"
-    uses_text = bool(settings.text_losses) and settings.method != "baseline"
+    uses_text = bool(settings.text_losses) and settings.method in METHODS_WITH_TEXT
     bank = None
     if uses_text and not one_stage:
         bank = compute_text_bank(model, int(model.num_classes), 256, device, settings.amp_dtype)
         logger.info("[stage2] text bank of %d IDs %s", bank.shape[0], tuple(bank.shape))
     t0 = time.perf_counter()
     for epoch in range(start_epoch, settings.stage2_epochs + 1):
-        scheduler.step(epoch)
+        scheduler.step(epoch - lr_epoch_offset)
         # Everything random in an epoch derives from (seed, epoch): a resumed run replays it.
         seed = epoch_seed(settings.seed, 2, epoch)
         seed_everything(seed)
@@ -88,6 +138,8 @@ def train_stage2(
         for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         model.train()
         meter, epoch_meter = PeriodMeter(), PeriodMeter()
         num_iters = len(loader)
@@ -98,24 +150,26 @@ def train_stage2(
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, settings.amp_dtype):
                 out = model(images, camids=cams, viewids=views)
-                text_feats = text_pids = None
-                if uses_text and one_stage:
-                    text_pids = torch.unique(pids)
-                    text_feats = model.encode_text(text_pids)
-                elif uses_text:
-                    text_pids = pids
-                    text_feats = bank[pids]
-                terms = criterion(
-                    out,
-                    pids,
-                    text_bank=bank,
-                    batch_text_feats=text_feats,
-                    batch_text_pids=text_pids,
-                )
+                if uses_text:
+                    if one_stage:
+                        text_pids = torch.unique(pids)
+                        text_feats = model.encode_text(text_pids)
+                    else:
+                        text_pids, text_feats = pids, bank[pids]
+                    text = {
+                        "text_bank": bank,
+                        "batch_text_feats": text_feats,
+                        "batch_text_pids": text_pids,
+                    }
+                    terms = criterion(out, pids, **text)
+                else:
+                    terms = criterion(out, pids)
             loss = sum(terms.values())
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            if on_step_end is not None:
+                on_step_end(out, pids)
             with torch.no_grad():
                 logits = out.proj.float() @ bank.t() if bank is not None else out.cls_scores[0]
                 acc = (logits.argmax(1) == pids).float().mean().item()

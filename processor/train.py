@@ -14,7 +14,7 @@ from model.build import build_model
 from processor.common import build_train_settings, make_grad_scaler
 from processor.evaluate import build_eval_settings, evaluate_bundle, log_results
 from processor.stage1 import train_stage1
-from processor.stage2 import train_stage2
+from processor.stage2 import rebuild_memory_bank, train_stage2
 from solver.optimizer import build_optimizer
 from solver.scheduler import build_scheduler
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -148,6 +148,7 @@ def train(cfg, device: torch.device) -> dict[str, float]:
 
     # ------------------------------------------------------- stage 2 (image encoder fine-tuning)
     # One-stage (paper Tab. 5): prompts and image encoder train together, prompts at stage-1 rates.
+    # PCL-CLIP is a single stage too; it runs here (stage 2 in logs, metrics and checkpoints).
     model.set_trainable(0 if cfg.MODEL.METHOD == "clipreid_one_stage" else 2)
     prompt_named = [(n, p) for n, p in _trainable(model) if n.startswith("prompt_learner.")]
     optimizer = build_optimizer(
@@ -166,6 +167,15 @@ def train(cfg, device: torch.device) -> dict[str, float]:
     scaler = make_grad_scaler(device, cfg.MODEL.AMP_DTYPE)
     criterion = build_loss(cfg, data.num_classes)
     start = _restore(ckpt, 2, optimizer, scheduler, scaler)
+    pcl = cfg.MODEL.METHOD == "pcl"
+
+    def pcl_epoch_start(epoch: int) -> None:
+        # The bank is rebuilt from the current weights every epoch, so a resume needs no state.
+        centroids = rebuild_memory_bank(model, data.train_eval, criterion, device, eval_settings)
+        append_metrics(
+            cfg.OUTPUT_DIR,
+            {"stage": 2, "epoch": epoch, "memory_bank": list(centroids.shape)},
+        )
 
     def stage2_epoch_end(epoch: int) -> None:
         last = epoch == settings.stage2_epochs
@@ -194,6 +204,10 @@ def train(cfg, device: torch.device) -> dict[str, float]:
         device,
         start_epoch=start,
         on_epoch_end=stage2_epoch_end,
+        on_epoch_start=pcl_epoch_start if pcl else None,
+        on_step_end=criterion.update_memory if pcl else None,
+        # PCL-CLIP steps its scheduler at the end of an epoch: epoch k trains with the lr of k-1.
+        lr_epoch_offset=1 if pcl else 0,
     )
     if start > settings.stage2_epochs and "mAP" not in metrics:
         summary = evaluate_bundle(model, data, eval_settings, device)

@@ -342,6 +342,7 @@ C, B, E = 4, len(PK_PIDS), 8
 def _cfg(**overrides: object) -> CN:
     cfg = CN()
     cfg.MODEL = CN()
+    cfg.MODEL.METHOD = "clipreid"
     cfg.MODEL.IF_LABELSMOOTH = True
     cfg.MODEL.LABEL_SMOOTH_EPS = 0.1
     cfg.MODEL.ID_LOSS_WEIGHT = 0.25

@@ -46,6 +46,8 @@ COUNTERPARTS = {
         ["MODEL.STRIDE_SIZE", "[12, 12]"],
     ),
 }
+# Configs of other methods than CLIP-ReID (no official CLIP-ReID file, no paper-table row).
+OTHER_METHODS = {"person/vit_pcl.yml"}
 # How often weights are saved changes nothing in training; ours save more often than the
 # official files (which save only at the end).
 BOOKKEEPING = {"SOLVER.STAGE1.CHECKPOINT_PERIOD", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "OUTPUT_DIR"}
@@ -113,7 +115,7 @@ def test_every_table_config_has_an_official_counterpart():
     table = set()
     for sub in ("person", "veri", "vehicleid"):
         table |= {f"{sub}/{os.path.basename(p)}" for p in glob.glob(_cfg_path(f"{sub}/*.yml"))}
-    assert table == set(COUNTERPARTS)
+    assert table - OTHER_METHODS == set(COUNTERPARTS)
 
 
 @pytest.mark.parametrize("ours", sorted(COUNTERPARTS))
@@ -364,4 +366,4 @@ def test_every_paper_config_is_in_the_registry():
         for p in SHIPPED
         if os.sep + "demo" + os.sep not in p
     }
-    assert paper == used
+    assert paper - {f"configs/{rel}" for rel in OTHER_METHODS} == used
