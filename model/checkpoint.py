@@ -241,6 +241,15 @@ def load_reid_checkpoint(
             f"The checkpoint is another architecture than MODEL.NAME {model.arch.name!r}:{hint}"
         )
 
+    # Head: PCL-CLIP has one classifier on the concatenated feature, CLIP-ReID two.
+    ck_pcl = "classifier.weight" in sd and "classifier_proj.weight" not in sd
+    own_pcl = "classifier_proj.weight" not in own
+    if "classifier.weight" in sd and ck_pcl != own_pcl:
+        kind, method = ("PCL-CLIP", "'pcl'") if ck_pcl else ("CLIP-ReID", "'clipreid'")
+        raise CheckpointMismatchError(
+            f"The checkpoint has the {kind} head: set MODEL.METHOD {method} as trained"
+        )
+
     # SIE.
     if "cv_embed" in sd and "cv_embed" not in own:
         errors.append(_sie_hint(model, sd["cv_embed"].shape[0]))

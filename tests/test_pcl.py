@@ -15,6 +15,7 @@ import train_clipreid
 from configs.config import ConfigError, load_cfg
 from loss import PCLLoss, build_loss, hard_centroid_update, pcl_loss, pid_centroids
 from model import build_model, get_arch
+from model.checkpoint import CheckpointMismatchError, load_reid_checkpoint
 from solver.optimizer import build_optimizer
 from tests.clip_fixtures import make_cfg
 from tests.conftest import ROOT
@@ -303,3 +304,13 @@ def test_pcl_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_checkpoint_of_the_other_head_names_the_method_to_set():
+    pcl = _pcl_model()
+    clipreid = build_model(make_cfg("ViT-T-16-test"), 5, 3, 2)
+    with pytest.raises(CheckpointMismatchError, match="MODEL.METHOD 'pcl'"):
+        load_reid_checkpoint(clipreid, pcl.state_dict())
+    with pytest.raises(CheckpointMismatchError, match="MODEL.METHOD 'clipreid'"):
+        load_reid_checkpoint(pcl, clipreid.state_dict())
+    load_reid_checkpoint(_pcl_model(), pcl.state_dict())  # same head: loads
