@@ -314,3 +314,25 @@ def test_checkpoint_of_the_other_head_names_the_method_to_set():
     with pytest.raises(CheckpointMismatchError, match="MODEL.METHOD 'clipreid'"):
         load_reid_checkpoint(pcl, clipreid.state_dict())
     load_reid_checkpoint(_pcl_model(), pcl.state_dict())  # same head: loads
+
+
+def test_pcl_with_camera_sie_trains_the_sie_table(tmp_path):
+    """The official PCL-CLIP SIE path never ran (undefined variables); here SIE gets gradients."""
+    model = _pcl_model(MODEL__SIE_CAMERA=True, MODEL__SIE_COE=1.0)
+    model.set_trainable(2)
+    model.train()
+    criterion = PCLLoss(1.0, 0.25, 0.05, 0.2, 0.1, num_classes=5)
+    feats = torch.nn.functional.normalize(torch.randn(5, model.feat_dim), dim=1)
+    criterion.build_memory(feats, torch.arange(5))
+    images = torch.randn(4, 3, 256, 128)
+    pids, camids = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 2, 0, 2])
+    out = model(images, camids=camids)
+    sum(criterion(out, pids).values()).backward()
+    grad = model.cv_embed.grad
+    assert grad[0].abs().sum() > 0 and grad[2].abs().sum() > 0
+    assert grad[1].abs().sum() == 0  # camera 1 is not in the batch
+    # And a whole tiny run with camera SIE trains end to end.
+    extra = ["MODEL.METHOD", "pcl", "MODEL.SIE_CAMERA", "True", "MODEL.SIE_COE", "1.0"]
+    train_clipreid.main(_opts(tmp_path / "data", tmp_path / "out", s1=1, s2=1, extra=extra))
+    weights = torch.load(tmp_path / "out" / "ViT-T-16-test_1.pth", weights_only=True)
+    assert "cv_embed" in weights
