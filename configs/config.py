@@ -281,6 +281,33 @@ def validate_cfg(cfg: CN) -> None:
             f"MODEL.PCL_TEMPERATURE = {cfg.MODEL.PCL_TEMPERATURE} must be > 0 and "
             f"MODEL.MEMORY_MOMENTUM = {cfg.MODEL.MEMORY_MOMENTUM} in [0, 1]"
         )
+    if cfg.MODEL.PCL_UNSUPERVISED:
+        _validate_unsupervised(cfg)
+
+
+def _validate_unsupervised(cfg: CN) -> None:
+    """Cross-key rules of unsupervised PCL-CLIP (``MODEL.PCL_UNSUPERVISED``)."""
+    m = cfg.MODEL
+    if m.METHOD != "pcl":
+        raise ConfigError(
+            f"MODEL.PCL_UNSUPERVISED needs MODEL.METHOD 'pcl' (got {m.METHOD!r}): only the PCL "
+            "centroid memory trains on cluster pseudo labels"
+        )
+    if m.ID_LOSS_WEIGHT != 0:
+        # Pseudo labels change number and meaning every epoch: no fixed classifier to train.
+        raise ConfigError(
+            f"MODEL.ID_LOSS_WEIGHT = {m.ID_LOSS_WEIGHT}: unsupervised PCL-CLIP has no fixed "
+            "classes, set MODEL.ID_LOSS_WEIGHT 0 (the loss is the PCL term only)"
+        )
+    if m.PCL_LOSS_WEIGHT <= 0:
+        raise ConfigError(f"MODEL.PCL_LOSS_WEIGHT = {m.PCL_LOSS_WEIGHT} must be > 0 in USL")
+    if not 0.0 < m.CLUSTER_EPS < 1.0:
+        raise ConfigError(f"MODEL.CLUSTER_EPS = {m.CLUSTER_EPS}: a Jaccard radius in (0, 1)")
+    if m.CLUSTER_MIN_SAMPLES < 1 or m.CLUSTER_K1 < 1 or m.CLUSTER_K2 < 1:
+        raise ConfigError(
+            f"MODEL.CLUSTER_MIN_SAMPLES {m.CLUSTER_MIN_SAMPLES}, CLUSTER_K1 {m.CLUSTER_K1} and "
+            f"CLUSTER_K2 {m.CLUSTER_K2} must be >= 1"
+        )
 
 
 def load_cfg(config_file: str | None = None, opts: Sequence[str] = (), freeze: bool = True) -> CN:

@@ -63,6 +63,16 @@ _C.MODEL.PCL_LOSS_WEIGHT = 1.0
 _C.MODEL.PCL_TEMPERATURE = 0.05
 # PCL centroid momentum m (c <- m*c + (1-m)*x_hard); 0.2 as the official PCL-CLIP config.
 _C.MODEL.MEMORY_MOMENTUM = 0.2
+# Unsupervised PCL-CLIP (METHOD 'pcl'): train on DBSCAN pseudo labels re-clustered every epoch.
+_C.MODEL.PCL_UNSUPERVISED = False
+# DBSCAN radius on the k-reciprocal Jaccard distance; 0.6 Market, 0.7 MSMT17 (USL recipes).
+_C.MODEL.CLUSTER_EPS = 0.6
+# DBSCAN min_samples (the point itself included); 4 as ClusterContrast.
+_C.MODEL.CLUSTER_MIN_SAMPLES = 4
+# k1 of the clustering Jaccard distance (k-reciprocal neighbourhood); 30 as ClusterContrast.
+_C.MODEL.CLUSTER_K1 = 30
+# k2 of the clustering Jaccard distance (local query expansion); 6 as ClusterContrast.
+_C.MODEL.CLUSTER_K2 = 6
 # Freeze the ViT patch embedding (conv1), the MoCo v3 stability trick PCL-CLIP uses; ViT only.
 _C.MODEL.FREEZE_PATCH_EMBED = False
 # Mixed precision on CUDA: 'fp16' (with a grad scaler, official), 'bf16' or 'fp32'. CPU runs fp32.

@@ -14,6 +14,7 @@ from yacs.config import CfgNode
 from datasets.bases import (
     DatasetOptions,
     ImageDataset,
+    ImageRecord,
     Layout,
     ReIDDataset,
     closest_name,
@@ -187,6 +188,8 @@ class DataBundle:
         num_trials: evaluation trials to average (VehicleID: ``TEST.VEHICLEID_TRIALS``, else 1).
         dataset: the combined dataset (train of all, query/gallery of the first).
         datasets: the parsed datasets in ``DATASETS.NAMES`` order.
+        train_indices: ``train`` index of every record of ``train_stage2`` (all of them until
+            :meth:`set_train_labels` selects a labelled subset).
     """
 
     train_stage1: DataLoader
@@ -201,6 +204,7 @@ class DataBundle:
     dataset: ReIDDataset
     datasets: list[ReIDDataset]
     _make_val: Callable[[ReIDDataset], DataLoader] = field(repr=False)
+    _make_train: Callable[[list[ImageRecord]], DataLoader] = field(repr=False)
 
     def val_for_trial(self, trial: int) -> DataLoader:
         """The val loader of one evaluation trial (VehicleID: a new random gallery per trial).
@@ -216,6 +220,43 @@ class DataBundle:
         if trial == 0 or not self.dataset.has_trials:
             return self.val
         return self._make_val(self.dataset.for_trial(trial))
+
+    train_indices: np.ndarray | None = None
+
+    def set_train_labels(self, indices: Sequence[int], labels: Sequence[int]) -> DataLoader:
+        """Train stage 2 on a subset of the train set with new labels (e.g. cluster pseudo labels).
+
+        Rebuilds ``train_stage2`` (dataset, batch sampler, loader; same transforms, batch size,
+        sampler kind and seed) over the records ``dataset.train[indices]``, each carrying its new
+        label as ``pid``: its batches yield those labels in ``batch['pids']`` and the P x K
+        sampler groups by them. The ground-truth pids of the records are not read.
+
+        Args:
+            indices: ``[M]`` distinct indices into ``dataset.train`` (and ``train_eval``).
+            labels: ``[M]`` labels in ``0..K-1``, every value used.
+
+        Returns:
+            The new ``train_stage2`` loader (also stored on the bundle).
+
+        Raises:
+            ValueError: lengths differ, an index is out of range or repeated, or the labels are
+                not exactly ``0..K-1``.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        lab = np.asarray(labels, dtype=np.int64).reshape(-1)
+        n = len(self.dataset.train)
+        if idx.shape != lab.shape or idx.size == 0:
+            raise ValueError(f"need as many labels as indices (> 0), got {idx.size}, {lab.size}")
+        if idx.min() < 0 or idx.max() >= n or np.unique(idx).size != idx.size:
+            raise ValueError(f"indices must be distinct and in [0, {n})")
+        if not np.array_equal(np.unique(lab), np.arange(int(lab.max()) + 1)):
+            raise ValueError("labels must use every value 0..K-1")
+        train = self.dataset.train
+        pairs = zip(idx.tolist(), lab.tolist(), strict=True)
+        records = [train[i]._replace(pid=int(p)) for i, p in pairs]
+        self.train_stage2 = self._make_train(records)
+        self.train_indices = idx
+        return self.train_stage2
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch of the stage-2 batches (same as the batch sampler's ``set_epoch``).
@@ -311,18 +352,21 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
     seed = int(cfg.SOLVER.SEED)
     train_test = ImageDataset(dataset.train, test_tf, skip)
 
-    sampler = build_train_sampler(
-        [r.pid for r in dataset.train],
-        cfg.DATALOADER.SAMPLER,
-        int(cfg.SOLVER.STAGE2.IMS_PER_BATCH),
-        int(cfg.DATALOADER.NUM_INSTANCE),
-        seed,
-    )
-    train_stage2 = DataLoader(
-        ImageDataset(dataset.train, train_tf, skip),
-        batch_sampler=sampler,
-        **_loader_kwargs(workers, seed, persistent=True),
-    )
+    def make_train(records: list[ImageRecord]) -> DataLoader:
+        sampler = build_train_sampler(
+            [r.pid for r in records],
+            cfg.DATALOADER.SAMPLER,
+            int(cfg.SOLVER.STAGE2.IMS_PER_BATCH),
+            int(cfg.DATALOADER.NUM_INSTANCE),
+            seed,
+        )
+        return DataLoader(
+            ImageDataset(records, train_tf, skip),
+            batch_sampler=sampler,
+            **_loader_kwargs(workers, seed, persistent=True),
+        )
+
+    train_stage2 = make_train(list(dataset.train))
     train_stage1 = DataLoader(
         train_test,
         batch_size=int(cfg.SOLVER.STAGE1.IMS_PER_BATCH),
@@ -357,4 +401,6 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
         dataset=dataset,
         datasets=parts,
         _make_val=make_val,
+        _make_train=make_train,
+        train_indices=np.arange(len(dataset.train), dtype=np.int64),
     )

@@ -198,16 +198,22 @@ class PCLLoss(nn.Module):
         )
 
     @torch.no_grad()
-    def build_memory(self, feats: Tensor, pids: Tensor) -> Tensor:
+    def build_memory(self, feats: Tensor, pids: Tensor, num_classes: int | None = None) -> Tensor:
         """Replace the memory with the identity centroids of the training-set features.
 
         Args:
             feats: ``(N, D)`` features of every training image (eval-mode model).
             pids: ``(N,)`` int64 labels in ``[0, C)``.
+            num_classes: a new number of classes C (unsupervised training: the clusters of the
+                epoch, whose count changes every epoch); None keeps the current one.
 
         Returns:
             The new ``(C, D)`` float32 centroids (also stored in ``self.centroids``).
         """
+        if num_classes is not None:
+            if self.id_weight > 0:
+                raise ValueError("the ID term has a fixed classifier: num_classes cannot change")
+            self.num_classes = int(num_classes)
         self.centroids = pid_centroids(feats, pids, self.num_classes)
         return self.centroids
 

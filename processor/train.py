@@ -6,7 +6,9 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from datasets.build import build_dataloaders
 from loss.build import build_loss
@@ -14,7 +16,12 @@ from model.build import build_model
 from processor.common import build_train_settings, make_grad_scaler
 from processor.evaluate import build_eval_settings, evaluate_bundle, log_results
 from processor.stage1 import train_stage1
-from processor.stage2 import rebuild_memory_bank, train_stage2
+from processor.stage2 import (
+    build_cluster_settings,
+    rebuild_cluster_memory,
+    rebuild_memory_bank,
+    train_stage2,
+)
 from solver.optimizer import build_optimizer
 from solver.scheduler import build_scheduler
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -169,13 +176,38 @@ def train(cfg, device: torch.device) -> dict[str, float]:
     start = _restore(ckpt, 2, optimizer, scheduler, scaler)
     pcl = cfg.MODEL.METHOD == "pcl"
 
-    def pcl_epoch_start(epoch: int) -> None:
+    unsupervised = pcl and cfg.MODEL.PCL_UNSUPERVISED
+    cluster = build_cluster_settings(cfg) if unsupervised else None
+
+    def pcl_epoch_start(epoch: int) -> DataLoader | None:
         # The bank is rebuilt from the current weights every epoch, so a resume needs no state.
-        centroids = rebuild_memory_bank(model, data.train_eval, criterion, device, eval_settings)
+        if not unsupervised:
+            centroids = rebuild_memory_bank(
+                model, data.train_eval, criterion, device, eval_settings
+            )
+            append_metrics(
+                cfg.OUTPUT_DIR,
+                {"stage": 2, "epoch": epoch, "memory_bank": list(centroids.shape)},
+            )
+            return None
+        # Unsupervised: re-cluster, then train on the clustered images with their pseudo labels.
+        labels, centroids = rebuild_cluster_memory(
+            model, data.train_eval, criterion, device, eval_settings, cluster
+        )
+        keep = np.flatnonzero(labels >= 0)
+        loader = data.set_train_labels(keep, labels[keep])
         append_metrics(
             cfg.OUTPUT_DIR,
-            {"stage": 2, "epoch": epoch, "memory_bank": list(centroids.shape)},
+            {
+                "stage": 2,
+                "epoch": epoch,
+                "memory_bank": list(centroids.shape),
+                "clusters": int(centroids.shape[0]),
+                "outliers": int(len(labels) - keep.size),
+                "clustered_images": int(keep.size),
+            },
         )
+        return loader
 
     def stage2_epoch_end(epoch: int) -> None:
         last = epoch == settings.stage2_epochs

@@ -47,7 +47,7 @@ COUNTERPARTS = {
     ),
 }
 # Configs of other methods than CLIP-ReID (no official CLIP-ReID file, no paper-table row).
-OTHER_METHODS = {"person/vit_pcl.yml"}
+OTHER_METHODS = {"person/vit_pcl.yml", "person/vit_pcl_usl.yml"}
 # How often weights are saved changes nothing in training; ours save more often than the
 # official files (which save only at the end).
 BOOKKEEPING = {"SOLVER.STAGE1.CHECKPOINT_PERIOD", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "OUTPUT_DIR"}

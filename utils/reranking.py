@@ -364,25 +364,21 @@ def k_reciprocal_rerank_chunks(
     )
 
 
-def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress):
-    budget = memory_budget_mb * 2**20
-    num_q, num_g = qf.shape[0], gf.shape[0]
-    x = torch.cat([qf.detach().float(), gf.detach().float()])
-    n = x.shape[0]
-    sq = (x * x).sum(1)
-    k_full = min(k1 + 1, n)
-    k_half = min(round(k1 / 2) + 1, n)  # round() halves to even, like numpy's around
-    k_qe = min(k2, n)
-    stored = min(n, max(_STORED_NEIGHBOURS * k_full, k_qe))
-    knn, knn_dist, colmax = _neighbours(x, sq, stored, budget, show_progress)
-    v = _expanded_weights(x, sq, colmax, knn, knn_dist, k_full, k_half, budget, show_progress)
-    del knn_dist
-    if k2 != 1:
-        v = _query_expansion(v, knn[:, :k_qe].contiguous(), budget)
-    del knn
-    columns = _gallery_columns(v, num_q, n)
-    col_len = columns.row_lengths()
+def _shared_mass_blocks(
+    v: _SparseRows,
+    columns: _SparseRows,
+    num_q: int,
+    num_g: int,
+    budget: float,
+    work: _Workspace,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Shared mass s(i, j) = sum_k min(V[i, k], V[Q + j, k]) of every query row i and gallery j.
 
+    Yields:
+        (start, stop, acc): query rows [start, stop) and float32 [stop - start, G] sums, a
+        reused workspace buffer (consume it before asking for the next block).
+    """
+    col_len = columns.row_lengths()
     # Per query entry (row i, column k, value a): the gallery entries of column k are paired with
     # it, each adding min(a, b) to the shared mass of (i, gallery row).
     q_entries = int(v.ptr[num_q])
@@ -391,8 +387,6 @@ def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress
     pair_ptr = _ptr_from_lengths(entry_pairs)[v.ptr[: num_q + 1]]  # pairs before each row
     pairs_per_row = pair_ptr[1:] - pair_ptr[:-1]
     cost = (pairs_per_row * _ITEM_BYTES + num_g * 16).cpu().numpy()
-    xq, xg, sq_q, sq_g = x[:num_q], x[num_q:], sq[:num_q], sq[num_q:]
-    work = _Workspace(x.device)
     for start, stop in _row_groups(cost, budget):
         c = stop - start
         a, b = int(v.ptr[start]), int(v.ptr[stop])
@@ -413,6 +407,30 @@ def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress
         for r in range(c):  # one accumulation per query row: no per-pair row index needed
             p0, p1 = bounds[r], bounds[r + 1]
             acc[r].index_add_(0, gallery_rows[p0:p1], shared[p0:p1])
+        yield start, stop, acc
+
+
+def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress):
+    budget = memory_budget_mb * 2**20
+    num_q, num_g = qf.shape[0], gf.shape[0]
+    x = torch.cat([qf.detach().float(), gf.detach().float()])
+    n = x.shape[0]
+    sq = (x * x).sum(1)
+    k_full = min(k1 + 1, n)
+    k_half = min(round(k1 / 2) + 1, n)  # round() halves to even, like numpy's around
+    k_qe = min(k2, n)
+    stored = min(n, max(_STORED_NEIGHBOURS * k_full, k_qe))
+    knn, knn_dist, colmax = _neighbours(x, sq, stored, budget, show_progress)
+    v = _expanded_weights(x, sq, colmax, knn, knn_dist, k_full, k_half, budget, show_progress)
+    del knn_dist
+    if k2 != 1:
+        v = _query_expansion(v, knn[:, :k_qe].contiguous(), budget)
+    del knn
+    columns = _gallery_columns(v, num_q, n)
+    xq, xg, sq_q, sq_g = x[:num_q], x[num_q:], sq[:num_q], sq[num_q:]
+    work = _Workspace(x.device)
+    for start, stop, acc in _shared_mass_blocks(v, columns, num_q, num_g, budget, work):
+        c = stop - start
         # Jaccard distance 1 - s / (2 - s), then the weighted sum with the original distance.
         final = work.get("final", c * num_g, torch.float32).view(c, num_g)
         torch.neg(acc, out=final).add_(2.0)
@@ -450,3 +468,72 @@ def re_ranking(
     qf, gf = torch.as_tensor(probFea), torch.as_tensor(galFea)
     blocks = k_reciprocal_rerank_chunks(qf, gf, k1, k2, lambda_value, show_progress=False)
     return np.concatenate([block.cpu().numpy().copy() for block in blocks], axis=0)
+
+
+def jaccard_distance_sparse(
+    feats: torch.Tensor,
+    k1: int = 30,
+    k2: int = 6,
+    max_distance: float = 0.6,
+    *,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
+    show_progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k-reciprocal Jaccard distance between all items of one set, kept only where it is small.
+
+    The clustering variant used by unsupervised ReID (ClusterContrast lineage): the same
+    k-reciprocal sets, expansion, local query expansion and Jaccard distance as the re-ranking
+    above, over the N items of ``feats`` (no query/gallery split), except that
+    ``V[i, j] = exp(-d(i, j))`` uses the plain squared Euclidean distance d (no division by the
+    column maximum). With L2-normalised features d = 2 - 2 cos, as in the clustering recipes.
+    Only pairs with a distance of at most ``max_distance`` (< 1) are returned; every other pair
+    shares no V mass or lies farther, so nothing N x N is ever stored.
+
+    Args:
+        feats: float [N, D] features (normalise them first for the cosine form), any device.
+        k1: k-reciprocal neighbourhood size (30 in ClusterContrast).
+        k2: local query expansion size (6; 1 disables it).
+        max_distance: largest Jaccard distance kept, in (0, 1) (the DBSCAN eps).
+        memory_budget_mb: working-memory budget (MiB) of each pass.
+        show_progress: progress bar or log lines for the long passes.
+
+    Returns:
+        (rows int64 [E], cols int64 [E], dists float32 [E]) on the features' device: every pair
+        (i, j) with Jaccard distance <= ``max_distance``, both orders and the diagonal (distance
+        0) included, sorted by row then column.
+    """
+    _check_params(k1, k2, 0.0)
+    if feats.ndim != 2 or feats.shape[0] == 0:
+        raise ValueError(f"feats must be a non-empty [N, D] tensor, got {tuple(feats.shape)}")
+    if not 0.0 < max_distance < 1.0:
+        raise ValueError(f"max_distance must be in (0, 1), got {max_distance}")
+    budget = memory_budget_mb * 2**20
+    x = feats.detach().float()
+    n = x.shape[0]
+    sq = (x * x).sum(1)
+    k_full = min(int(k1) + 1, n)
+    k_half = min(round(k1 / 2) + 1, n)  # round() halves to even, like numpy's around
+    k_qe = min(int(k2), n)
+    stored = min(n, max(_STORED_NEIGHBOURS * k_full, k_qe))
+    knn, knn_dist, _ = _neighbours(x, sq, stored, budget, show_progress)
+    # A unit "column maximum" turns the re-ranking weights into the unscaled exp(-d).
+    unit = torch.ones(n, dtype=torch.float32, device=x.device)
+    v = _expanded_weights(x, sq, unit, knn, knn_dist, k_full, k_half, budget, show_progress)
+    del knn_dist
+    if k2 != 1:
+        v = _query_expansion(v, knn[:, :k_qe].contiguous(), budget)
+    del knn
+    columns = _gallery_columns(v, 0, n)
+    work = _Workspace(x.device)
+    all_rows, all_cols, all_dists = [], [], []
+    for start, _, acc in _shared_mass_blocks(v, columns, n, n, budget, work):
+        # Jaccard distance 1 - s / (2 - s) <= t  <=>  s >= 2 (1 - t) / (2 - t): test s first.
+        keep = acc >= 2.0 * (1.0 - max_distance) / (2.0 - max_distance) - 1e-6
+        r, c = torch.nonzero(keep, as_tuple=True)
+        s = acc[r, c]
+        dist = (1.0 - s / (2.0 - s)).clamp_(min=0.0)
+        ok = dist <= max_distance
+        all_rows.append(r[ok] + start)
+        all_cols.append(c[ok])
+        all_dists.append(dist[ok])
+    return torch.cat(all_rows), torch.cat(all_cols), torch.cat(all_dists)
