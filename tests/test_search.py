@@ -1,0 +1,247 @@
+"""tools/search.py: index features vs. direct evaluation features, ranking vs. brute force."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs.config import load_cfg, save_cfg
+from datasets.bases import read_image
+from datasets.synthetic import generate_synthetic_reid
+from datasets.transforms import build_test_transform
+from model.build import build_model
+from tools import search
+
+H, W = 64, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_logging():
+    """The tool configures the root logger (as entry scripts do); later test files expect none."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def _opts(out, extra=()):
+    return [
+        "MODEL.DEVICE", "cpu",
+        "MODEL.NAME", "ViT-T-16-test",
+        "MODEL.PRETRAIN_TAG", "none",
+        "INPUT.SIZE_TRAIN", f"[{H}, {W}]",
+        "INPUT.SIZE_TEST", f"[{H}, {W}]",
+        "DATALOADER.NUM_WORKERS", "0",
+        "TEST.IMS_PER_BATCH", "5",
+        "OUTPUT_DIR", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def _make_run(folder, seed, extra=()):
+    """A config.yaml and random-init weights of a tiny model; returns (config, weights, model)."""
+    cfg = load_cfg(None, _opts(folder, extra))
+    torch.manual_seed(seed)
+    model = build_model(cfg, 6, 3, 1, load_pretrained=False)
+    # Non-trivial BNNeck statistics, so TEST.NECK_FEAT 'after' gives other features.
+    with torch.no_grad():
+        for bn in (model.bottleneck, model.bottleneck_proj):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    config, weights = folder / "config.yaml", folder / "weights.pth"
+    save_cfg(cfg, str(config))
+    torch.save(model.state_dict(), weights)
+    return str(config), str(weights), model.eval()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    market = generate_synthetic_reid(
+        root / "data", num_ids=6, num_cameras=2, images_per_id_cam=2, size=(H, W)
+    )
+    gallery = root / "gallery"
+    shutil.copytree(market / "bounding_box_test", gallery / "cam_a")
+    queries = sorted((market / "query").glob("*.jpg"))
+    # One query is also a gallery image (in a nested folder: the listing is recursive).
+    (gallery / "nested" / "deeper").mkdir(parents=True)
+    shutil.copy(queries[0], gallery / "nested" / "deeper" / "same.jpg")
+    (gallery / "notes.txt").write_text("not an image")
+    config, weights, model = _make_run(root, seed=0)
+    index = root / "index.pt"
+    base = ["--config_file", config, "--weights", weights]
+    search.main(["index", *base, "--gallery", str(gallery), "--out", str(index)])
+    return {
+        "root": root,
+        "gallery": gallery,
+        "queries": queries,
+        "query_dir": market / "query",
+        "config": config,
+        "weights": weights,
+        "model": model,
+        "index": index,
+        "base": base,
+    }
+
+
+def _direct_features(model, paths):
+    """Evaluation features computed without the tool: read, test transform, encode, normalise."""
+    cfg = load_cfg(None, _opts("unused"))
+    tf = build_test_transform(cfg.INPUT.SIZE_TEST, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+    images = torch.stack([tf(read_image(str(p))) for p in paths])
+    with torch.no_grad():
+        feats = model.encode_image(images).double()
+    return (feats / feats.norm(dim=1, keepdim=True)).numpy()
+
+
+def test_index_features_equal_direct_evaluation_features(env):
+    index = torch.load(env["index"], weights_only=True)
+    expected_paths = sorted(
+        str(p.resolve()) for p in env["gallery"].rglob("*") if p.suffix == ".jpg"
+    )
+    assert index["paths"] == expected_paths
+    assert any(p.endswith("same.jpg") for p in index["paths"])
+    direct = _direct_features(env["model"], index["paths"])
+    assert index["features"].dtype == torch.float32
+    np.testing.assert_allclose(index["features"].numpy(), direct, atol=1e-5, rtol=0)
+    assert index["feat_dim"] == env["model"].feat_dim == direct.shape[1]
+    assert index["model_name"] == "ViT-T-16-test"
+    assert index["weights"] == env["weights"]
+    assert index["settings"]["weights_sha256"] == search.file_sha256(env["weights"])
+    assert "ViT-T-16-test" in index["config"]
+
+
+def test_float16_index_is_close(env, tmp_path):
+    out = tmp_path / "half.pt"
+    args = ["index", *env["base"], "--gallery", str(env["gallery"]), "--out", str(out)]
+    search.main([*args[:-2], "--dtype", "float16", *args[-2:]])
+    half = torch.load(out, weights_only=True)["features"]
+    full = torch.load(env["index"], weights_only=True)["features"]
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), full, atol=2e-3, rtol=0)
+
+
+def test_query_matches_brute_force_and_writes_results(env, tmp_path):
+    out = tmp_path / "results"
+    k = 7
+    tile = (48, 24)
+    argv = ["query", "--index", str(env["index"]), *env["base"], "--query", str(env["query_dir"])]
+    argv += ["--topk", str(k), "--out", str(out), "--visualize", "--tile-size", *map(str, tile)]
+    result = search.main(argv)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["metric"] == "cosine" and saved["topk"] == k
+
+    index = torch.load(env["index"], weights_only=True)
+    gallery = index["paths"]
+    assert saved["num_gallery"] == len(gallery)
+    qpaths = [str(p.resolve()) for p in env["queries"]]
+    assert [q["query"] for q in saved["queries"]] == qpaths
+    qf = _direct_features(env["model"], qpaths)
+    gf = _direct_features(env["model"], gallery)
+    sims = qf @ gf.T
+    for qi, entry in enumerate(saved["queries"]):
+        order = np.argsort(-sims[qi], kind="stable")[:k]
+        hits = entry["results"]
+        assert [h["rank"] for h in hits] == list(range(1, k + 1))
+        assert [h["path"] for h in hits] == [gallery[g] for g in order]
+        assert [h["gallery_index"] for h in hits] == order.tolist()
+        np.testing.assert_allclose([h["similarity"] for h in hits], sims[qi, order], atol=1e-5)
+        # Squared Euclidean distance of unit vectors, as the evaluator computes it.
+        dist = ((qf[qi] - gf[order]) ** 2).sum(1)
+        np.testing.assert_allclose([h["distance"] for h in hits], dist, atol=1e-5)
+
+    # The query that is also in the gallery finds itself first.
+    first = saved["queries"][0]["results"][0]
+    assert first["path"].endswith("same.jpg")
+    assert first["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert first["distance"] == pytest.approx(0.0, abs=1e-5)
+
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == len(qpaths)
+    assert sorted(q["visualization"] for q in saved["queries"]) == [p.name for p in pngs]
+    size = (search.GAP + (1 + k) * (tile[1] + search.GAP), search.GAP + tile[0] + search.LABEL_H)
+    for png in pngs:
+        with Image.open(png) as img:
+            assert img.size == size
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_chunked_ranking_equals_brute_force(metric):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(11, 9, generator=gen, dtype=torch.float64).float()
+    g = torch.randn(23, 9, generator=gen, dtype=torch.float64).float()
+    if metric == "cosine":
+        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
+    k = 6
+    scores, idx = search.rank_gallery(q, g, k, metric, gallery_chunk=4, query_chunk=3)
+    qn, gn = q.double().numpy(), g.double().numpy()
+    if metric == "cosine":
+        ref = qn @ gn.T
+    else:
+        ref = -((qn[:, None, :] - gn[None]) ** 2).sum(-1)
+    order = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    assert idx.tolist() == order.tolist()
+    np.testing.assert_allclose(scores.numpy(), np.take_along_axis(ref, order, 1), atol=1e-5)
+    # k larger than the gallery keeps every item.
+    _, all_idx = search.rank_gallery(q, g, 100, metric, gallery_chunk=5)
+    assert all_idx.shape == (11, 23)
+
+
+def test_query_refuses_an_index_of_another_config_or_weights(env, tmp_path):
+    argv = ["query", "--index", str(env["index"]), *env["base"], "--query", str(env["queries"][0])]
+    argv += ["--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit, match=r"TEST.NECK_FEAT: index 'before', query 'after'"):
+        search.main([*argv, "TEST.NECK_FEAT", "after"])
+    _, other_weights, _ = _make_run(tmp_path, seed=1)
+    argv[argv.index(env["weights"])] = other_weights
+    with pytest.raises(SystemExit, match="weights_sha256"):
+        search.main(argv)
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+def test_errors_name_the_folder_image_or_index(env, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    base = ["index", *env["base"], "--out", str(tmp_path / "i.pt")]
+    with pytest.raises(SystemExit, match=r"--gallery folder .*empty.* holds no image"):
+        search.main([*base, "--gallery", str(empty)])
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(SystemExit, match=r"broken\.jpg"):
+        search.main([*base, "--gallery", str(bad)])
+    assert not (tmp_path / "i.pt").exists()
+    missing = ["query", "--index", str(tmp_path / "none.pt"), *env["base"]]
+    with pytest.raises(SystemExit, match=r"--index .*none\.pt.* does not exist"):
+        search.main([*missing, "--query", str(env["queries"][0]), "--out", str(tmp_path / "r")])
+
+
+def test_camera_sie_needs_a_camera_id(tmp_path):
+    config, weights, model = _make_run(tmp_path, seed=2, extra=("MODEL.SIE_CAMERA", "True"))
+    img = tmp_path / "g" / "a.png"
+    img.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), np.uint8)).save(img)
+    base = ["index", "--config_file", config, "--weights", weights, "--gallery", str(img.parent)]
+    out = tmp_path / "i.pt"
+    with pytest.raises(SystemExit, match="pass --camid N"):
+        search.main([*base, "--out", str(out)])
+    search.main([*base, "--camid", "2", "--out", str(out)])
+    feats = torch.load(out, weights_only=True)["features"]
+    cfg = load_cfg(config)
+    tf = build_test_transform(cfg.INPUT.SIZE_TEST, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
+    with torch.no_grad():
+        ref = model.encode_image(tf(read_image(str(img)))[None], camids=torch.tensor([2]))
+        no_sie = model.encode_image(tf(read_image(str(img)))[None])
+    ref = torch.nn.functional.normalize(ref, dim=1)
+    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=0)
+    assert not torch.allclose(feats, torch.nn.functional.normalize(no_sie, dim=1), atol=1e-3)

@@ -1,0 +1,615 @@
+"""Person / vehicle search with a trained ReID model: index a gallery folder, then rank it.
+
+Examples::
+
+    python tools/search.py index --config_file RUN/config.yaml --weights RUN/ViT-B-16_60.pth \
+        --gallery gallery_dir --out gallery_index.pt
+    python tools/search.py query --index gallery_index.pt --config_file RUN/config.yaml \
+        --weights RUN/ViT-B-16_60.pth --query query_dir --topk 10 --out results --visualize
+
+Both commands accept trailing ``KEY VALUE`` config overrides, as ``test_clipreid.py`` does.
+Features are those of evaluation: the test transform (``INPUT.SIZE_TEST``, mean, std), the
+model's ``encode_image`` (``TEST.NECK_FEAT``) and, with ``TEST.FEAT_NORM``, L2 normalisation;
+gallery images are ranked by cosine similarity, which orders them as the evaluator's squared
+Euclidean distance on normalised features does (``|q - g|^2 = 2 - 2 cos``). Without
+``TEST.FEAT_NORM`` they are ranked by squared Euclidean distance on the raw features.
+
+An index records the settings it was built with (model, eval-relevant config keys, a hash of the
+weights); ``query`` refuses an index whose settings differ from its own.
+
+Camera ids of arbitrary folders are unknown: a model with the camera SIE (``MODEL.SIE_CAMERA``)
+needs ``--camid N`` (one 0-based camera id for every image of the command), and one with the
+viewpoint SIE ``--viewid N``; the camera x viewpoint SIE is not supported here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import pickle
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from yacs.config import CfgNode  # noqa: E402
+
+from configs.config import load_cfg  # noqa: E402
+from datasets.bases import (  # noqa: E402
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    ImageDataset,
+    ImageRecord,
+    collate_batch,
+)
+from datasets.transforms import build_test_transform  # noqa: E402
+from model.build import build_model  # noqa: E402
+from model.checkpoint import extract_state_dict, load_reid_checkpoint  # noqa: E402
+from model.reid_model import ReIDModel  # noqa: E402
+from processor.evaluate import build_eval_settings, extract_features  # noqa: E402
+from utils.checkpoint import save_checkpoint  # noqa: E402
+from utils.dist import resolve_device  # noqa: E402
+from utils.logger import progress, setup_logger  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+# Config keys that change the features: an index and a query must agree on every one.
+FEATURE_KEYS = (
+    "MODEL.NAME",
+    "MODEL.METHOD",
+    "MODEL.STRIDE_SIZE",
+    "MODEL.SIE_CAMERA",
+    "MODEL.SIE_VIEW",
+    "MODEL.SIE_COE",
+    "MODEL.SIE_MODE",
+    "INPUT.SIZE_TEST",
+    "INPUT.PIXEL_MEAN",
+    "INPUT.PIXEL_STD",
+    "TEST.NECK_FEAT",
+    "TEST.FEAT_NORM",
+)
+# Gallery columns scored at once per query block: bounds the score buffer to rows x 8192 floats.
+GALLERY_CHUNK = 8192
+QUERY_CHUNK = 1024
+# Visualisation layout (pixels): tiles of --tile-size separated by GAP, a LABEL_H text band below.
+GAP = 8
+LABEL_H = 28
+QUERY_BORDER = (40, 160, 40)  # green frame marks the query tile
+
+
+class SearchError(RuntimeError):
+    """A search input (folder, image, index, option) is unusable; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def list_image_files(path: str, what: str) -> list[str]:
+    """Image files of a file or folder (folders searched recursively), sorted, absolute.
+
+    Args:
+        path: an image file or a folder.
+        what: the argument's name for error messages (e.g. '--gallery').
+
+    Returns:
+        Absolute paths of the images (extensions of ``datasets.bases.IMAGE_EXTENSIONS``).
+
+    Raises:
+        SearchError: the path does not exist, is not an image, or the folder holds no image.
+    """
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise SearchError(f"{what} {path!r} is not an image ({', '.join(IMAGE_EXTENSIONS)})")
+        return [str(p.resolve())]
+    if not p.is_dir():
+        raise SearchError(f"{what} {path!r} does not exist")
+    files = sorted(
+        str(f.resolve())
+        for f in p.rglob("*")
+        if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+    )
+    if not files:
+        raise SearchError(
+            f"{what} folder {path!r} holds no image ({', '.join(IMAGE_EXTENSIONS)}, searched "
+            "recursively)"
+        )
+    return files
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def feature_settings(cfg: CfgNode, weights_sha256: str) -> dict[str, Any]:
+    """The settings that determine the features: the ``FEATURE_KEYS`` values and the weights.
+
+    Args:
+        cfg: the configuration.
+        weights_sha256: hash of the weights file.
+
+    Returns:
+        ``{key: value}`` (lists for list values) plus ``'weights_sha256'``.
+    """
+    out: dict[str, Any] = {}
+    for key in FEATURE_KEYS:
+        node: Any = cfg
+        for part in key.split("."):
+            node = node[part]
+        out[key] = list(node) if isinstance(node, (list, tuple)) else node
+    out["weights_sha256"] = weights_sha256
+    return out
+
+
+def _read_weights(path: str) -> object:
+    if not os.path.isfile(path):
+        raise SearchError(f"--weights {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Training checkpoints may hold non-tensor objects (e.g. a config node).
+        logger.warning("%s holds non-tensor objects; loading it fully (trusted files only)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def build_search_model(cfg: CfgNode, weights: str) -> ReIDModel:
+    """Build the model of a config and load its trained weights, in eval mode on the CPU.
+
+    The identity count and SIE table size are taken from the checkpoint (they only size layers
+    that evaluation does not use, or the SIE table whose rows the ids index).
+
+    Args:
+        cfg: the configuration the weights were trained with.
+        weights: checkpoint path (state dict or a dict with a 'model' entry).
+
+    Returns:
+        The ``ReIDModel``.
+
+    Raises:
+        SearchError: missing weights, or a camera x viewpoint SIE model.
+    """
+    if cfg.MODEL.SIE_CAMERA and cfg.MODEL.SIE_VIEW:
+        raise SearchError(
+            "the camera x viewpoint SIE (MODEL.SIE_CAMERA and MODEL.SIE_VIEW True) needs each "
+            "image's camera and viewpoint, which a folder does not give; search supports one of "
+            "the two SIE kinds, or none"
+        )
+    obj = _read_weights(weights)
+    sd = extract_state_dict(obj)
+    num_classes = int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 1
+    rows = int(sd["cv_embed"].shape[0]) if "cv_embed" in sd else 1
+    num_cameras = rows if cfg.MODEL.SIE_CAMERA else 1
+    num_views = rows if cfg.MODEL.SIE_VIEW else 1
+    model = build_model(cfg, num_classes, num_cameras, num_views, load_pretrained=False)
+    load_reid_checkpoint(model, obj, for_training=False)
+    return model.eval()
+
+
+def _check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int | None) -> None:
+    for enabled, value, flag, key, count in (
+        (cfg.MODEL.SIE_CAMERA, camid, "--camid", "MODEL.SIE_CAMERA", model.num_cameras),
+        (cfg.MODEL.SIE_VIEW, viewid, "--viewid", "MODEL.SIE_VIEW", model.num_views),
+    ):
+        if enabled and value is None:
+            raise SearchError(
+                f"the model uses {key} (SIE): its features depend on the camera/viewpoint id, "
+                f"which a folder does not give; pass {flag} N (0-based, < {count}) for the images "
+                f"of this command"
+            )
+        if enabled and not 0 <= value < count:
+            raise SearchError(f"{flag} {value} is outside 0..{count - 1} (the SIE table's rows)")
+        if not enabled and value is not None:
+            raise SearchError(f"{flag} is only used with {key} True; remove it")
+
+
+def compute_features(
+    model: ReIDModel,
+    cfg: CfgNode,
+    paths: Sequence[str],
+    device: torch.device,
+    camid: int | None = None,
+    viewid: int | None = None,
+) -> torch.Tensor:
+    """Evaluation features of image files, exactly as ``processor.evaluate`` extracts them.
+
+    Args:
+        model: the ReID model (moved to ``device``).
+        cfg: configuration (INPUT.SIZE_TEST/PIXEL_MEAN/PIXEL_STD, TEST.IMS_PER_BATCH,
+            TEST.FEAT_NORM, DATALOADER.NUM_WORKERS and the SIE/precision keys).
+        paths: N image files.
+        device: where the model runs.
+        camid: camera id of every image (camera SIE only).
+        viewid: viewpoint id of every image (viewpoint SIE only).
+
+    Returns:
+        float32 [N, D] on the CPU, L2-normalised per row when ``TEST.FEAT_NORM``.
+
+    Raises:
+        SearchError: an image cannot be read (the message names it).
+    """
+    _check_sie_ids(cfg, model, camid, viewid)
+    i = cfg.INPUT
+    transform = build_test_transform(i.SIZE_TEST, i.PIXEL_MEAN, i.PIXEL_STD)
+    records = [ImageRecord(p, 0, camid or 0, viewid or 0) for p in paths]
+    workers = min(int(cfg.DATALOADER.NUM_WORKERS), max(1, len(paths) // 64))
+    loader = DataLoader(
+        ImageDataset(records, transform, skip_corrupt=False),
+        batch_size=int(cfg.TEST.IMS_PER_BATCH),
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_batch,
+    )
+    try:
+        feats, _, _, _ = extract_features(model, loader, device, build_eval_settings(cfg))
+    except CorruptImageError as err:
+        raise SearchError(str(err).split(" Set DATASETS")[0]) from err
+    feats = feats.float().cpu()
+    if cfg.TEST.FEAT_NORM:
+        # Same arithmetic as the evaluator (x / max(|x|, eps)).
+        feats = torch.nn.functional.normalize(feats, dim=1)
+    return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranking
+# ----------------------------------------------------------------------------------------------
+
+
+def rank_gallery(
+    query_feats: torch.Tensor,
+    gallery_feats: torch.Tensor,
+    topk: int,
+    metric: str = "cosine",
+    gallery_chunk: int = GALLERY_CHUNK,
+    query_chunk: int = QUERY_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k gallery items per query, scored in memory-bounded blocks.
+
+    Each (query block x gallery chunk) score matrix is one matrix product; its top-k is merged
+    with the running top-k of the earlier chunks, so memory stays O(query_chunk x gallery_chunk)
+    whatever the gallery size.
+
+    Args:
+        query_feats: [Q, D] (float16 or float32; scored in float32).
+        gallery_feats: [N, D].
+        topk: k; capped at N.
+        metric: 'cosine' (features already L2-normalised: score = q . g, higher first) or
+            'euclidean' (score = -|q - g|^2, i.e. smaller distance first).
+        gallery_chunk: gallery rows scored at once.
+        query_chunk: query rows scored at once.
+
+    Returns:
+        (scores float32 [Q, k], indices int64 [Q, k]), best first: cosine similarities, or
+        negated squared Euclidean distances.
+    """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+    n = gallery_feats.shape[0]
+    k = min(int(topk), n)
+    if k < 1:
+        raise ValueError(f"topk must be positive and the gallery non-empty (topk {topk}, N {n})")
+    out_scores, out_index = [], []
+    for q0 in range(0, query_feats.shape[0], query_chunk):
+        q = query_feats[q0 : q0 + query_chunk].float()
+        best_s = torch.empty(q.shape[0], 0, device=q.device)
+        best_i = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)
+        for g0 in range(0, n, gallery_chunk):
+            g = gallery_feats[g0 : g0 + gallery_chunk].to(q.device).float()
+            scores = q @ g.T
+            if metric == "euclidean":
+                # -|q - g|^2 = 2 q.g - |q|^2 - |g|^2
+                scores.mul_(2).sub_(q.square().sum(1, keepdim=True)).sub_(g.square().sum(1))
+            s, i = torch.topk(scores, min(k, g.shape[0]), dim=1)
+            merged_s = torch.cat([best_s, s], dim=1)
+            merged_i = torch.cat([best_i, i + g0], dim=1)
+            best_s, pos = torch.topk(merged_s, min(k, merged_s.shape[1]), dim=1)
+            best_i = merged_i.gather(1, pos)
+        out_scores.append(best_s)
+        out_index.append(best_i)
+    return torch.cat(out_scores), torch.cat(out_index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Visualisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _tile(path: str, size: tuple[int, int]) -> Image.Image:
+    """An image resized into an (H, W) tile, aspect kept, centred on grey."""
+    h, w = size
+    tile = Image.new("RGB", (w, h), (128, 128, 128))
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        scale = min(w / img.width, h / img.height)
+        new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(new, Image.BILINEAR)
+    tile.paste(img, ((w - new[0]) // 2, (h - new[1]) // 2))
+    return tile
+
+
+def render_ranking(
+    query_path: str,
+    hits: Sequence[dict[str, Any]],
+    tile_size: tuple[int, int],
+    score_key: str = "similarity",
+) -> Image.Image:
+    """Draw a query and its ranked gallery images in one row, with ranks and scores.
+
+    Layout: 1 + k tiles of (H, W) = ``tile_size``, ``GAP`` pixels apart and around, each over a
+    ``LABEL_H`` text band: the image is ``GAP + (1 + k) * (W + GAP)`` wide and
+    ``GAP + H + LABEL_H`` high.
+
+    Args:
+        query_path: the query image.
+        hits: ranked results (``rank``, ``path`` and ``score_key`` entries).
+        tile_size: (H, W) of each tile.
+        score_key: which score to print ('similarity' or 'distance').
+
+    Returns:
+        The RGB image.
+    """
+    h, w = int(tile_size[0]), int(tile_size[1])
+    canvas = Image.new("RGB", (GAP + (1 + len(hits)) * (w + GAP), GAP + h + LABEL_H), "white")
+    draw = ImageDraw.Draw(canvas)
+    labels = [("query", query_path)] + [
+        (f"#{hit['rank']}  {hit[score_key]:.3f}", hit["path"]) for hit in hits
+    ]
+    for col, (label, path) in enumerate(labels):
+        x = GAP + col * (w + GAP)
+        canvas.paste(_tile(path, (h, w)), (x, GAP))
+        if col == 0:
+            draw.rectangle([x, GAP, x + w - 1, GAP + h - 1], outline=QUERY_BORDER, width=2)
+        draw.text((x + 2, GAP + h + 4), label, fill=(0, 0, 0))
+    return canvas
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------
+
+
+def _setup(args: argparse.Namespace) -> tuple[CfgNode, torch.device, str]:
+    if not os.path.isfile(args.config_file):
+        raise SearchError(f"--config_file {args.config_file!r} does not exist")
+    cfg = load_cfg(args.config_file, list(args.opts))
+    device = resolve_device(cfg.MODEL.DEVICE)
+    if not os.path.isfile(args.weights):
+        raise SearchError(f"--weights {args.weights!r} does not exist")
+    return cfg, device, file_sha256(args.weights)
+
+
+def build_index(args: argparse.Namespace) -> dict[str, Any]:
+    """``index``: extract the gallery features and save the index atomically.
+
+    Args:
+        args: parsed ``index`` arguments (config_file, weights, gallery, out, dtype, camid,
+            viewid, opts).
+
+    Returns:
+        The saved index: features [N, D] (float32 or float16), paths, settings, config,
+        weights, model_name, feat_dim, metric, camid, viewid, version.
+    """
+    cfg, device, sha = _setup(args)
+    paths = list_image_files(args.gallery, "--gallery")
+    logger.info("indexing %d gallery images of %s on %s", len(paths), args.gallery, device)
+    model = build_search_model(cfg, args.weights).to(device)
+    feats = compute_features(model, cfg, paths, device, args.camid, args.viewid)
+    index = {
+        "version": INDEX_VERSION,
+        "features": feats.to(torch.float16 if args.dtype == "float16" else torch.float32),
+        "paths": paths,
+        "settings": feature_settings(cfg, sha),
+        "config": cfg.dump(),
+        "weights": os.path.abspath(args.weights),
+        "model_name": cfg.MODEL.NAME,
+        "feat_dim": int(feats.shape[1]),
+        "metric": "cosine" if cfg.TEST.FEAT_NORM else "euclidean",
+        "camid": args.camid,
+        "viewid": args.viewid,
+    }
+    save_checkpoint(index, args.out)
+    logger.info("index of %d x %d features written to %s", len(paths), feats.shape[1], args.out)
+    return index
+
+
+def load_index(path: str) -> dict[str, Any]:
+    """Read an index written by ``index``.
+
+    Args:
+        path: the index file.
+
+    Returns:
+        The index dict.
+
+    Raises:
+        SearchError: the file is missing or is not a search index.
+    """
+    if not os.path.isfile(path):
+        raise SearchError(f"--index {path!r} does not exist (build it with the 'index' command)")
+    try:
+        index = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unpickling failure means the file is not ours
+        raise SearchError(f"--index {path!r} cannot be read: {err}") from err
+    if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
+        raise SearchError(f"--index {path!r} is not a search index of version {INDEX_VERSION}")
+    return index
+
+
+def check_index(index: dict[str, Any], settings: dict[str, Any], path: str) -> None:
+    """Refuse an index whose feature settings differ from the query's.
+
+    Args:
+        index: the loaded index.
+        settings: :func:`feature_settings` of the query command.
+        path: the index path (for the message).
+
+    Raises:
+        SearchError: naming every differing key with both values.
+    """
+    built = index["settings"]
+    diffs = [
+        f"{key}: index {built.get(key)!r}, query {value!r}"
+        for key, value in settings.items()
+        if built.get(key) != value
+    ]
+    if diffs:
+        raise SearchError(
+            f"--index {path!r} was built with another model or config than this query "
+            f"(index weights {index.get('weights')!r}); its features are not comparable. "
+            "Differences:\n- " + "\n- ".join(diffs) + "\nRebuild the index or pass the "
+            "--config_file, --weights and overrides it was built with."
+        )
+
+
+def run_query(args: argparse.Namespace) -> dict[str, Any]:
+    """``query``: rank the indexed gallery for each query image; write results.json (+ PNGs).
+
+    Args:
+        args: parsed ``query`` arguments (index, config_file, weights, query, topk, out,
+            visualize, tile_size, camid, viewid, opts).
+
+    Returns:
+        The results.json content: metric, topk, index, and per query its ranked hits
+        (rank, path, similarity, distance, gallery_index).
+    """
+    index = load_index(args.index)
+    cfg, device, sha = _setup(args)
+    check_index(index, feature_settings(cfg, sha), args.index)
+    if args.topk < 1:
+        raise SearchError(f"--topk must be positive, got {args.topk}")
+    paths = [p for q in args.query for p in list_image_files(q, "--query")]
+    model = build_search_model(cfg, args.weights).to(device)
+    qf = compute_features(model, cfg, paths, device, args.camid, args.viewid)
+    gf = index["features"]
+    metric = index["metric"]
+    scores, idx = rank_gallery(qf.to(device), gf.to(device), args.topk, metric)
+    scores, idx = scores.cpu(), idx.cpu()
+    os.makedirs(args.out, exist_ok=True)
+    gallery = index["paths"]
+    results = []
+    for qi, qpath in enumerate(progress(paths, total=len(paths), desc="queries")):
+        hits = []
+        for r, (s, g) in enumerate(zip(scores[qi].tolist(), idx[qi].tolist(), strict=True)):
+            if metric == "cosine":
+                sim, dist = s, 2.0 - 2.0 * s
+            else:
+                sim, dist = None, -s
+            hits.append(
+                {"rank": r + 1, "path": gallery[g], "gallery_index": g, "similarity": sim,
+                 "distance": dist}
+            )  # fmt: skip
+        entry: dict[str, Any] = {"query": qpath, "results": hits}
+        if args.visualize:
+            name = f"{qi:04d}_{Path(qpath).stem}.png"
+            key = "similarity" if metric == "cosine" else "distance"
+            render_ranking(qpath, hits, tuple(args.tile_size), key).save(
+                os.path.join(args.out, name)
+            )
+            entry["visualization"] = name
+        results.append(entry)
+    out = {
+        "index": os.path.abspath(args.index),
+        "weights": os.path.abspath(args.weights),
+        "metric": metric,
+        "topk": min(args.topk, len(gallery)),
+        "num_gallery": len(gallery),
+        "queries": results,
+    }
+    tmp = os.path.join(args.out, "results.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, os.path.join(args.out, "results.json"))
+    logger.info("ranked %d queries; results in %s", len(paths), args.out)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config_file", required=True, help="the run's config.yaml")
+    common.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
+    common.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
+    common.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
+    common.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (last)")
+
+    p = sub.add_parser("index", parents=[common], help="build a gallery feature index")
+    p.add_argument("--gallery", required=True, help="folder of gallery images (recursive)")
+    p.add_argument("--out", required=True, help="index file to write (e.g. gallery_index.pt)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="stored feature precision; float16 halves the file, ranks are scored in float32",
+    )
+    q = sub.add_parser("query", parents=[common], help="rank the indexed gallery for queries")
+    q.add_argument("--index", required=True, help="index written by the 'index' command")
+    q.add_argument(
+        "--query",
+        required=True,
+        action="append",
+        help="query image or folder (recursive); repeat the flag for several",
+    )
+    q.add_argument("--topk", type=int, default=10, help="gallery images kept per query")
+    q.add_argument("--out", required=True, help="folder for results.json and the PNGs")
+    q.add_argument("--visualize", action="store_true", help="one PNG per query (query + top-k)")
+    q.add_argument(
+        "--tile-size",
+        type=int,
+        nargs=2,
+        default=(256, 128),
+        metavar=("H", "W"),
+        help="size of each image tile in the PNGs",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``index`` or ``query``.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The saved index (``index``) or the results.json content (``query``).
+
+    Raises:
+        SystemExit: a :class:`SearchError` (bad folder, image, index or option), with its
+            message.
+    """
+    args = _parser().parse_args(argv)
+    setup_logger(args.out if args.command == "query" else None, 0, "search_log.txt")
+    try:
+        return build_index(args) if args.command == "index" else run_query(args)
+    except SearchError as err:
+        logger.error("%s", err)
+        raise SystemExit(f"error: {err}") from err
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
