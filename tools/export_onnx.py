@@ -1,0 +1,504 @@
+"""Export a trained ReID model's image encoder (the evaluation feature) to ONNX.
+
+Usage:
+    python tools/export_onnx.py --config_file RUN/config.yaml --weights RUN/ViT-B-16_60.pth \
+        --out model.onnx [--opset 17] [--batch dynamic|N] [--normalize|--no-normalize] \
+        [--verify] [KEY VALUE ...]
+
+The exported graph takes ``images`` float32 [B, 3, H, W] at ``INPUT.SIZE_TEST``, preprocessed as
+the test transform does (RGB, bilinear resize, ``(x / 255 - PIXEL_MEAN) / PIXEL_STD``), and returns
+``feats`` float32 [B, D + E]: ``ReIDModel.encode_image`` in eval mode, L2-normalised per row when
+normalisation is on (default: ``TEST.FEAT_NORM``, as the evaluator compares features). With SIE
+(``MODEL.SIE_CAMERA`` / ``MODEL.SIE_VIEW``) the graph also takes ``camids`` and/or ``viewids``
+int64 [B] (0-based, the training dataset's numbering).
+
+The preprocessing and output description is written to ``OUT.json`` next to the model and, when
+the ``onnx`` package is installed, into the model's ``metadata_props`` (values JSON-encoded).
+
+Only torch is needed to export: the TorchScript-based exporter (``dynamo=False``) is used because
+the dynamo exporter needs the extra ``onnxscript`` package. ``--verify`` runs the exported model
+with onnxruntime (``pip install onnxruntime``) on random inputs of batch 1 and 3 and fails when its
+output differs from PyTorch's by more than ``--atol`` (relative to the feature scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Run as a script: make the repository root importable.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+from yacs.config import CfgNode  # noqa: E402
+
+from configs.config import load_cfg  # noqa: E402
+from model.build import build_model  # noqa: E402
+from model.checkpoint import extract_state_dict, load_reid_checkpoint  # noqa: E402
+from model.reid_model import ReIDModel  # noqa: E402
+from utils.logger import setup_logger  # noqa: E402
+
+__all__ = [
+    "EncoderForExport",
+    "build_export_model",
+    "export_metadata",
+    "export_onnx",
+    "main",
+    "sidecar_path",
+    "verify_onnx",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17  # LayerNormalization is a native op from 17; supported by current runtimes
+DEFAULT_ATOL = 1e-4
+INPUT_NAME = "images"
+OUTPUT_NAME = "feats"
+ORT_INSTALL = "pip install onnxruntime"
+
+
+class EncoderForExport(nn.Module):
+    """Wraps a ``ReIDModel`` so that ``forward`` is the evaluation feature, ready for export.
+
+    Args:
+        model: the ReID model (put in eval mode here: BNNecks use running statistics).
+        normalize: L2-normalise each output row (``x / max(|x|, 1e-12)``, as the evaluator).
+
+    Attributes:
+        sie_inputs: names of the id inputs after ``images``: ``()``, ``('camids',)``,
+            ``('viewids',)`` or ``('camids', 'viewids')``, following the model's SIE flags.
+    """
+
+    def __init__(self, model: ReIDModel, normalize: bool) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.normalize = bool(normalize)
+        names = []
+        if model.cv_embed is not None and model.sie_camera:
+            names.append("camids")
+        if model.cv_embed is not None and model.sie_view:
+            names.append("viewids")
+        self.sie_inputs: tuple[str, ...] = tuple(names)
+
+    def forward(self, images: Tensor, *ids: Tensor) -> Tensor:
+        """The evaluation feature.
+
+        Args:
+            images: float32 [B, 3, H, W], normalised as the test transform does.
+            *ids: int64 [B] id tensors in the order of ``sie_inputs``.
+
+        Returns:
+            float32 [B, D + E], unit rows when ``normalize``.
+        """
+        if len(ids) != len(self.sie_inputs):
+            raise ValueError(f"expected id inputs {self.sie_inputs}, got {len(ids)} tensors")
+        named = dict(zip(self.sie_inputs, ids, strict=True))
+        feats = self.model.encode_image(images, named.get("camids"), named.get("viewids"))
+        if self.normalize:
+            feats = F.normalize(feats, dim=1)
+        return feats
+
+
+def sidecar_path(onnx_path: str | Path) -> Path:
+    """Path of the JSON description written next to an exported model.
+
+    Args:
+        onnx_path: the ONNX file, e.g. ``model.onnx``.
+
+    Returns:
+        ``model.onnx.json``.
+    """
+    path = Path(onnx_path)
+    return path.with_name(path.name + ".json")
+
+
+def _read_checkpoint(path: str | Path) -> object:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist (check --weights)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # Training checkpoints may hold non-tensor objects (e.g. a config node).
+        logger.warning("%s holds non-tensor objects; loading it fully (trusted files only)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _model_counts(
+    cfg: CfgNode, sd: Mapping[str, Tensor], num_views: int | None
+) -> tuple[int, int, int]:
+    """(identities, cameras, views) for ``build_model``, read from the checkpoint's shapes."""
+    classifier = sd.get("classifier.weight")
+    num_classes = int(classifier.shape[0]) if classifier is not None else 1
+    table = sd.get("cv_embed")
+    rows = int(table.shape[0]) if table is not None else 0
+    cam, view = bool(cfg.MODEL.SIE_CAMERA), bool(cfg.MODEL.SIE_VIEW)
+    if not rows:
+        # No table: any positive count; the checkpoint loader reports an SIE mismatch by name.
+        return num_classes, 1, 1
+    if cam and view:
+        if not num_views:
+            raise ValueError(
+                f"camera x view SIE: the checkpoint's table has {rows} = cameras x views rows; "
+                "pass --num_views with the training dataset's number of views"
+            )
+        if rows % num_views:
+            raise ValueError(
+                f"--num_views {num_views} does not divide the {rows} rows of the SIE table"
+            )
+        return num_classes, rows // num_views, num_views
+    if view:
+        return num_classes, 1, rows
+    # Camera SIE, or no SIE flags (then the loader's hint suggests MODEL.SIE_CAMERA).
+    return num_classes, rows, num_views or 1
+
+
+def build_export_model(
+    cfg: CfgNode, weights: str | Path | Mapping, *, num_views: int | None = None
+) -> ReIDModel:
+    """Build the model a config describes and load trained weights, without any dataset.
+
+    The numbers of identities, cameras and views are read from the checkpoint's classifier and
+    SIE table (camera x view SIE needs ``num_views`` to split the table's rows).
+
+    Args:
+        cfg: the run's configuration (MODEL.*, INPUT.*, TEST.NECK_FEAT).
+        weights: checkpoint path or loaded checkpoint (state dict or dict with 'model').
+        num_views: training views, for camera x view SIE only.
+
+    Returns:
+        The ``ReIDModel`` on the CPU in eval mode.
+
+    Raises:
+        FileNotFoundError: the weights file does not exist.
+        ValueError: camera x view SIE without a usable ``num_views``.
+        CheckpointMismatchError: the checkpoint does not fit the config (names the keys to set).
+    """
+    obj = _read_checkpoint(weights) if isinstance(weights, (str, Path)) else weights
+    sd = extract_state_dict(obj)
+    num_classes, num_cameras, views = _model_counts(cfg, sd, num_views)
+    model = build_model(cfg, num_classes, num_cameras, views, load_pretrained=False)
+    load_reid_checkpoint(model, obj, for_training=False)
+    return model.eval()
+
+
+def export_metadata(
+    cfg: CfgNode,
+    model: ReIDModel,
+    *,
+    normalize: bool,
+    batch: int | None,
+    opset: int,
+    sie_inputs: Sequence[str],
+) -> dict[str, Any]:
+    """The description a deployment needs: preprocessing, inputs, output.
+
+    Args:
+        cfg: the configuration (INPUT.SIZE_TEST, INPUT.PIXEL_MEAN, INPUT.PIXEL_STD, MODEL.*).
+        model: the exported model.
+        normalize: whether the output rows are L2-normalised.
+        batch: fixed batch size, or None for a dynamic batch axis.
+        opset: ONNX opset version.
+        sie_inputs: names of the int64 [B] id inputs.
+
+    Returns:
+        A JSON-serialisable dict.
+    """
+    size = [int(v) for v in cfg.INPUT.SIZE_TEST]
+    return {
+        "model_name": cfg.MODEL.NAME,
+        "method": cfg.MODEL.METHOD,
+        "input_name": INPUT_NAME,
+        "input_size": size,
+        "input_layout": "NCHW, RGB, float32",
+        "resize": "bilinear (antialiased) to input_size",
+        "pixel_scale": 1.0 / 255.0,
+        "pixel_mean": [float(v) for v in cfg.INPUT.PIXEL_MEAN],
+        "pixel_std": [float(v) for v in cfg.INPUT.PIXEL_STD],
+        "preprocess": "(rgb_uint8 / 255 - pixel_mean) / pixel_std",
+        "batch": "dynamic" if batch is None else int(batch),
+        "sie_inputs": list(sie_inputs),
+        "sie_camera": bool(model.sie_camera and model.cv_embed is not None),
+        "sie_view": bool(model.sie_view and model.cv_embed is not None),
+        "num_cameras": model.num_cameras,
+        "num_views": model.num_views,
+        "output_name": OUTPUT_NAME,
+        "feature_dim": model.feat_dim,
+        "feature_norm": bool(normalize),
+        "neck_feat": model.neck_feat,
+        "distance": "cosine (dot product of normalised rows)"
+        if normalize
+        else "euclidean, or cosine after L2 normalisation (TEST.FEAT_NORM)",
+        "opset": int(opset),
+        "torch_version": torch.__version__,
+    }
+
+
+def _example_inputs(wrapper: EncoderForExport, batch: int, seed: int = 0) -> tuple[Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    h, w = wrapper.model.image_encoder.image_size
+    images = torch.randn(batch, 3, h, w, generator=gen)
+    model = wrapper.model
+    highs = {"camids": max(model.num_cameras, 1), "viewids": max(model.num_views, 1)}
+    ids = [
+        torch.randint(0, highs[name], (batch,), generator=gen, dtype=torch.int64)
+        for name in wrapper.sie_inputs
+    ]
+    return (images, *ids)
+
+
+def _write_onnx_metadata(path: Path, metadata: Mapping[str, Any]) -> bool:
+    try:
+        import onnx
+    except ImportError:
+        logger.info("onnx package not installed: metadata only in %s", sidecar_path(path))
+        return False
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(path))
+    return True
+
+
+def export_onnx(
+    model: ReIDModel,
+    out: str | Path,
+    metadata_cfg: CfgNode,
+    *,
+    normalize: bool,
+    batch: int | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> dict[str, Any]:
+    """Export the evaluation feature of a model to ONNX, with its metadata.
+
+    Args:
+        model: the ReID model (eval mode is set here).
+        out: destination ``.onnx`` path (its folder is created).
+        metadata_cfg: the configuration, for the preprocessing metadata.
+        normalize: L2-normalise the output rows.
+        batch: fixed batch size, or None for a dynamic batch axis.
+        opset: ONNX opset version.
+
+    Returns:
+        The metadata written to ``sidecar_path(out)`` (and to the model when onnx is installed).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = EncoderForExport(model, normalize).eval()
+    example = _example_inputs(wrapper, batch or 2)
+    names = [INPUT_NAME, *wrapper.sie_inputs]
+    dynamic_axes = None
+    if batch is None:
+        dynamic_axes = {name: {0: "batch"} for name in [*names, OUTPUT_NAME]}
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic: trace the plain ops.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # The size checks read H and W as Python ints: fixed by design (INPUT.SIZE_TEST).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The TorchScript exporter is chosen on purpose (see the module docstring).
+            warnings.filterwarnings("ignore", ".*TorchScript-based ONNX", DeprecationWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+            torch.onnx.export(
+                wrapper,
+                example,
+                str(out),
+                input_names=names,
+                output_names=[OUTPUT_NAME],
+                opset_version=int(opset),
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
+                dynamo=False,  # the TorchScript exporter needs no package beyond torch
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    metadata = export_metadata(
+        metadata_cfg,
+        model,
+        normalize=normalize,
+        batch=batch,
+        opset=opset,
+        sie_inputs=wrapper.sie_inputs,
+    )
+    in_model = _write_onnx_metadata(out, metadata)
+    side = sidecar_path(out)
+    with open(side, "w", encoding="utf-8") as f:
+        json.dump(metadata, f, indent=2)
+    logger.info(
+        "Exported %s (%d-d feature%s, inputs %s, batch %s) to %s; metadata in %s%s",
+        metadata["model_name"],
+        metadata["feature_dim"],
+        ", L2-normalised" if normalize else "",
+        names,
+        metadata["batch"],
+        out,
+        side,
+        " and the model's metadata_props" if in_model else "",
+    )
+    return metadata
+
+
+def _require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise RuntimeError(
+            f"--verify needs onnxruntime, which is not installed: run `{ORT_INSTALL}`"
+        ) from err
+    return onnxruntime
+
+
+def verify_onnx(
+    model: ReIDModel,
+    onnx_path: str | Path,
+    *,
+    normalize: bool,
+    batch_sizes: Sequence[int] = (1, 3),
+    seed: int = 0,
+) -> dict[int, float]:
+    """Run the exported model with onnxruntime and compare with PyTorch on random inputs.
+
+    Args:
+        model: the exported ReID model.
+        onnx_path: the ONNX file.
+        normalize: whether the export normalises its output.
+        batch_sizes: batch sizes to try (a fixed-batch export accepts only its own).
+        seed: seed of the random images and ids.
+
+    Returns:
+        ``{batch: max |onnx - torch| / max(1, max |torch|)}`` (absolute error for features of
+        unit scale, relative for larger ones).
+
+    Raises:
+        RuntimeError: onnxruntime is not installed (the message gives the pip command).
+    """
+    ort = _require_onnxruntime()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    wrapper = EncoderForExport(model, normalize).eval()
+    names = [INPUT_NAME, *wrapper.sie_inputs]
+    errors = {}
+    for b in batch_sizes:
+        inputs = _example_inputs(wrapper, int(b), seed=seed + int(b))
+        with torch.no_grad():
+            ref = wrapper(*inputs)
+        got = session.run(
+            [OUTPUT_NAME], {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
+        )[0]
+        diff = (torch.from_numpy(got) - ref).abs().max().item()
+        scale = max(1.0, ref.abs().max().item())
+        errors[int(b)] = diff / scale
+        logger.info("verify batch %d: max abs difference %.3g (feature scale %.3g)", b, diff, scale)
+    return errors
+
+
+def _parse_batch(value: str) -> int | None:
+    if value == "dynamic":
+        return None
+    try:
+        batch = int(value)
+    except ValueError:
+        batch = 0
+    if batch < 1:
+        raise argparse.ArgumentTypeError(f"--batch must be 'dynamic' or a positive int: {value!r}")
+    return batch
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Export a ReID model's image encoder (evaluation feature) to ONNX."
+    )
+    parser.add_argument("--config_file", default="", help="the run's YAML config (config.yaml)")
+    parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
+    parser.add_argument("--out", required=True, help="destination .onnx file")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    parser.add_argument(
+        "--batch",
+        type=_parse_batch,
+        default=None,
+        help="'dynamic' (default) batch axis or a fixed batch size",
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="L2-normalise the output rows (default: TEST.FEAT_NORM)",
+    )
+    parser.add_argument(
+        "--num_views", type=int, default=None, help="training views (camera x view SIE only)"
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help=f"check with onnxruntime ({ORT_INSTALL})"
+    )
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help="--verify tolerance on max |onnx - torch| / max(1, max |torch|)",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point; returns the metadata (plus ``verify_max_diff`` with --verify).
+
+    Logging is set up by the script entry (``python tools/export_onnx.py``), not here.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The exported model's metadata.
+    """
+    args = _parser().parse_args(argv)
+    if args.verify:
+        try:
+            _require_onnxruntime()
+        except RuntimeError as err:
+            raise SystemExit(str(err)) from err
+    if not Path(args.weights).expanduser().is_file():
+        raise SystemExit(f"weights file {args.weights!r} does not exist (check --weights)")
+    if args.opts and args.opts[0] == "--":
+        args.opts = args.opts[1:]
+    cfg = load_cfg(args.config_file or None, args.opts)
+    try:
+        model = build_export_model(cfg, args.weights, num_views=args.num_views)
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
+    normalize = bool(cfg.TEST.FEAT_NORM) if args.normalize is None else bool(args.normalize)
+    metadata = export_onnx(
+        model, args.out, cfg, normalize=normalize, batch=args.batch, opset=args.opset
+    )
+    if args.verify:
+        sizes = (1, 3) if args.batch is None else (args.batch,)
+        errors = verify_onnx(model, args.out, normalize=normalize, batch_sizes=sizes)
+        worst = max(errors.values())
+        metadata["verify_max_diff"] = worst
+        if worst > args.atol:
+            raise SystemExit(
+                f"ONNX output differs from PyTorch by {worst:.3g} (> --atol {args.atol:g}) "
+                f"at batch sizes {errors}"
+            )
+        print(f"verified: max difference {worst:.3g} <= {args.atol:g} at batch sizes {sizes}")
+    print(f"exported {args.out} ({metadata['feature_dim']}-d feature)")
+    return metadata
+
+
+if __name__ == "__main__":
+    # Logging is configured only for the command line: callers of main() keep their own setup.
+    setup_logger(None)
+    main(sys.argv[1:])
