@@ -4,6 +4,7 @@ Usage:
     python train_clipreid.py --config_file configs/person/vit_clipreid.yml \
         DATASETS.NAMES market1501 DATASETS.ROOT_DIR /data OUTPUT_DIR runs/market_vit
     python train_clipreid.py --config_file ... --resume        # continue OUTPUT_DIR/last.pth
+    torchrun --nproc_per_node=4 train_clipreid.py --config_file ...   # data-parallel, 4 GPUs
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from processor.train import train
 from utils.cli import parse_and_setup
+from utils.dist import cleanup, is_main_process
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -20,11 +22,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     cfg, device = parse_and_setup(
         argv, "Train CLIP-ReID / baseline ReID models.", "train_log.txt", resume_flag=True
     )
-    summary = train(cfg, device)
-    print(
-        f"final: mAP {100 * summary['mAP']:.1f}%  Rank-1 {100 * summary['rank1']:.1f}%  "
-        f"mINP {100 * summary['mINP']:.1f}%  (run folder: {cfg.OUTPUT_DIR})"
-    )
+    main_process = is_main_process()  # asked before cleanup() leaves the group
+    try:
+        summary = train(cfg, device)
+    finally:
+        cleanup()
+    if main_process:
+        print(
+            f"final: mAP {100 * summary['mAP']:.1f}%  Rank-1 {100 * summary['rank1']:.1f}%  "
+            f"mINP {100 * summary['mINP']:.1f}%  (run folder: {cfg.OUTPUT_DIR})"
+        )
     return summary
 
 

@@ -262,7 +262,7 @@ LEGACY_KEYS: dict[str, str] = {
     "MODEL.ATT_DROP_RATE": "the CLIP towers have no attention dropout",
     "MODEL.TRANSFORMER_TYPE": "the architecture is chosen by MODEL.NAME",
     "MODEL.COS_LAYER": "no cosine classifier",
-    "MODEL.DIST_TRAIN": "the official flag never synchronised gradients; it is ignored",
+    "MODEL.DIST_TRAIN": "ignored: launch with torchrun --nproc_per_node=N for data-parallel runs",
     "TEST.DIST_MAT": "distance matrices are not written",
     "TEST.EVAL": "evaluation is controlled by SOLVER.STAGE2.EVAL_PERIOD",
     "SOLVER.CENTER_LR": "center loss is not provided",

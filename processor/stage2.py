@@ -15,11 +15,55 @@ import torch.nn.functional as F
 from model.build import METHODS_WITH_TEXT
 from processor.common import TrainSettings, autocast, format_terms, sie_labels
 from processor.evaluate import EvalSettings, extract_features
+from utils.dist import broadcast_buffers, get_world_size
 from utils.logger import PeriodMeter, append_metrics, progress
 from utils.reranking import jaccard_distance_sparse
 from utils.seed import epoch_seed, seed_everything
 
 logger = logging.getLogger(__name__)
+
+
+class _TrainStep(torch.nn.Module):
+    """One training forward: the image branch, plus the batch IDs' prompts in one-stage runs.
+
+    Every parameter a step trains is used inside this ``forward``, so DistributedDataParallel
+    (which wraps this module) sees and averages all of their gradients, prompts included.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        camids: torch.Tensor | None,
+        viewids: torch.Tensor | None,
+        text_pids: torch.Tensor | None = None,
+    ) -> tuple[Any, torch.Tensor | None]:
+        out = self.model(images, camids=camids, viewids=viewids)
+        text = self.model.encode_text(text_pids) if text_pids is not None else None
+        return out, text
+
+
+def _wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """The module the training steps call: plain, or DistributedDataParallel in a process group.
+
+    DDP broadcasts rank 0's parameters and buffers at construction (every rank starts equal),
+    averages the gradients in ``backward`` and broadcasts rank 0's BatchNorm buffers at each
+    forward; the statistics of a forward are those of the rank's own batch. Parameters a step
+    leaves without a gradient are tolerated (``find_unused_parameters``).
+    """
+    step = _TrainStep(model)
+    if get_world_size() == 1:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        step,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+    )
 
 
 @torch.no_grad()
@@ -241,10 +285,16 @@ def train_stage2(
             a memory-bank update).
         lr_epoch_offset: 1 gives epoch ``k`` the lr of ``k - 1``, as loops that step the
             scheduler at the END of each epoch do (PCL-CLIP); 0 is CLIP-ReID's order.
+
+    In a process group (``torchrun``) the steps run through DistributedDataParallel: each rank
+    computes its losses on its own share of the global batch and the gradients are averaged.
     """
     if start_epoch > settings.stage2_epochs:
         return
     one_stage = settings.method == "clipreid_one_stage"
+    # In a process group the step runs through DDP; ``model`` itself stays unwrapped for the
+    # text bank, evaluation and checkpoints.
+    step = _wrap_ddp(model, device)
     uses_text = bool(settings.text_losses) and settings.method in METHODS_WITH_TEXT
     bank = None
     if uses_text and not one_stage:
@@ -264,7 +314,7 @@ def train_stage2(
         for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
-        model.train()
+        step.train()
         meter, epoch_meter = PeriodMeter(), PeriodMeter()
         num_iters = len(loader)
         for it, batch in enumerate(progress(loader, total=num_iters, desc=f"stage2 ep {epoch}")):
@@ -273,12 +323,10 @@ def train_stage2(
             cams, views = sie_labels(batch, device, settings.use_camids, settings.use_viewids)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, settings.amp_dtype):
-                out = model(images, camids=cams, viewids=views)
+                text_pids = torch.unique(pids) if uses_text and one_stage else None
+                out, text_feats = step(images, cams, views, text_pids)
                 if uses_text:
-                    if one_stage:
-                        text_pids = torch.unique(pids)
-                        text_feats = model.encode_text(text_pids)
-                    else:
+                    if not one_stage:
                         text_pids, text_feats = pids, bank[pids]
                     text = {
                         "text_bank": bank,
@@ -326,6 +374,9 @@ def train_stage2(
                 **epoch_meter.means(),
             },
         )
+        # BatchNorm statistics are per rank during the epoch (plain DDP); rank 0's are kept, so
+        # evaluation, checkpoints and every rank's next epoch see the same model.
+        broadcast_buffers(model)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     logger.info("[stage2] done in %.1fs", time.perf_counter() - t0)

@@ -25,6 +25,7 @@ from processor.stage2 import (
 from solver.optimizer import build_optimizer
 from solver.scheduler import build_scheduler
 from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.dist import all_gather_cat, barrier, broadcast_object, is_main_process
 from utils.logger import append_metrics
 from utils.seed import get_rng_state, seed_everything, set_rng_state
 
@@ -94,12 +95,23 @@ def _stage_state(
     }
 
 
+def _evaluate_on_main(model, data, eval_settings, device: torch.device) -> dict[str, float]:
+    """Evaluate on rank 0 only (no collective inside) and hand the summary to every rank."""
+    summary = evaluate_bundle(model, data, eval_settings, device) if is_main_process() else None
+    return broadcast_object(summary)
+
+
 def train(cfg, device: torch.device) -> dict[str, float]:
     """Train the configured method end to end and evaluate the final model.
 
+    Under ``torchrun`` every rank runs this: stage 1 identically on every rank (same seed, same
+    cached features, so the same prompts without communication), stage 2 data-parallel (see
+    :func:`processor.stage2.train_stage2`); evaluation and checkpoints on rank 0, the others
+    waiting at a barrier. A resume loads the checkpoint on every rank.
+
     Args:
         cfg: the frozen run configuration.
-        device: where to train.
+        device: where to train (this rank's device).
 
     Returns:
         The final evaluation summary (mAP, mINP, rank1, rank5, rank10, num_valid_queries).
@@ -140,6 +152,7 @@ def train(cfg, device: torch.device) -> dict[str, float]:
                     model.state_dict(),
                     os.path.join(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_stage1_{epoch}.pth"),
                 )
+            barrier()  # ranks other than 0 wait for rank 0's files
 
         train_stage1(
             model,
@@ -194,6 +207,8 @@ def train(cfg, device: torch.device) -> dict[str, float]:
         labels, centroids = rebuild_cluster_memory(
             model, data.train_eval, criterion, device, eval_settings, cluster
         )
+        # Every rank clusters the same features; rank 0's labels make the split identical anyway.
+        labels = broadcast_object(labels)
         keep = np.flatnonzero(labels >= 0)
         loader = data.set_train_labels(keep, labels[keep])
         append_metrics(
@@ -209,10 +224,15 @@ def train(cfg, device: torch.device) -> dict[str, float]:
         )
         return loader
 
+    def pcl_step_end(out, pids: torch.Tensor) -> None:
+        # The memory moves with the whole global batch, so every rank's bank stays the same.
+        embedding = all_gather_cat(out.embedding.detach())
+        criterion.update_memory(out._replace(embedding=embedding), all_gather_cat(pids))
+
     def stage2_epoch_end(epoch: int) -> None:
         last = epoch == settings.stage2_epochs
         if last or epoch % settings.stage2_eval_period == 0:
-            summary = evaluate_bundle(model, data, eval_settings, device)
+            summary = _evaluate_on_main(model, data, eval_settings, device)
             log_results(summary, f"Validation Results - Epoch: {epoch}")
             metrics.update({"epoch": epoch, **summary})
             append_metrics(cfg.OUTPUT_DIR, {"stage": 2, "epoch": epoch, "eval": summary})
@@ -224,6 +244,7 @@ def train(cfg, device: torch.device) -> dict[str, float]:
             save_checkpoint(
                 model.state_dict(), os.path.join(cfg.OUTPUT_DIR, f"{cfg.MODEL.NAME}_{epoch}.pth")
             )
+        barrier()
 
     train_stage2(
         model,
@@ -237,12 +258,12 @@ def train(cfg, device: torch.device) -> dict[str, float]:
         start_epoch=start,
         on_epoch_end=stage2_epoch_end,
         on_epoch_start=pcl_epoch_start if pcl else None,
-        on_step_end=criterion.update_memory if pcl else None,
+        on_step_end=pcl_step_end if pcl else None,
         # PCL-CLIP steps its scheduler at the end of an epoch: epoch k trains with the lr of k-1.
         lr_epoch_offset=1 if pcl else 0,
     )
     if start > settings.stage2_epochs and "mAP" not in metrics:
-        summary = evaluate_bundle(model, data, eval_settings, device)
+        summary = _evaluate_on_main(model, data, eval_settings, device)
         log_results(summary, "Validation Results - final")
         metrics.update(summary)
     return {k: metrics[k] for k in ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries")}

@@ -11,7 +11,7 @@ import torch
 from yacs.config import CfgNode
 
 from configs.config import load_cfg, save_cfg
-from utils.dist import get_rank, resolve_device
+from utils.dist import get_rank, init_distributed
 from utils.logger import setup_logger
 
 logger = logging.getLogger(__name__)
@@ -25,6 +25,9 @@ def parse_and_setup(
     config_name: str = "config.yaml",
 ) -> tuple[CfgNode, torch.device]:
     """Parse ``--config_file FILE [KEY VALUE ...]``, build the config, logging and the device.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) this also joins the process group
+    (:func:`utils.dist.init_distributed`); the caller leaves it with :func:`utils.dist.cleanup`.
 
     Args:
         argv: arguments without the program name (None: ``sys.argv[1:]``).
@@ -57,12 +60,13 @@ def parse_and_setup(
         cfg = load_cfg(args.config_file or None, opts)
     finally:
         logging.disable(logging.NOTSET)
+    # Under torchrun (WORLD_SIZE > 1) join the process group first: the logger needs the rank.
+    device = init_distributed(cfg.MODEL.DEVICE)
     setup_logger(cfg.OUTPUT_DIR, get_rank(), log_name)
     cfg = load_cfg(args.config_file or None, opts)
     logger.info("config file: %s; overrides: %s", args.config_file or "(defaults)", opts)
     logger.info("running with config:\n%s", cfg.dump())
     if get_rank() == 0:
         save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, config_name))
-    device = resolve_device(cfg.MODEL.DEVICE)
     logger.info("device: %s", device)
     return cfg, device
