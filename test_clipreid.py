@@ -5,7 +5,9 @@ Usage:
         TEST.WEIGHT runs/market_vit/ViT-B-16_60.pth DATASETS.ROOT_DIR /data
 
 Prints "mAP: x.x%" and "Rank-1/5/10: x.x%" lines as the official script does and writes the
-full-precision results to OUTPUT_DIR/test_metrics.json.
+full-precision results to OUTPUT_DIR/test_metrics.json. With ``TEST.VISUALIZE N`` it also draws
+the ranked lists (top ``TEST.VISUALIZE_TOPK``) of the N lowest-AP queries into
+OUTPUT_DIR/ranked_lists/ (VehicleID: the first gallery draw only).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Sequence
 from datasets.build import build_dataloaders
 from model.build import build_model
 from model.checkpoint import load_reid_checkpoint
-from processor.evaluate import build_eval_settings, evaluate_bundle, log_results
+from processor.evaluate import build_eval_settings, evaluate_bundle, extract_features, log_results
+from processor.visualize import write_ranked_lists
 from utils.cli import parse_and_setup
 
 logger = logging.getLogger(__name__)
@@ -38,18 +41,54 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = build_model(
         cfg, data.num_classes, data.num_cameras, data.num_views, load_pretrained=False
     )
+    if cfg.TEST.VISUALIZE < 0 or cfg.TEST.VISUALIZE_TOPK < 1:
+        raise SystemExit(
+            f"TEST.VISUALIZE must be >= 0 (got {cfg.TEST.VISUALIZE}) and TEST.VISUALIZE_TOPK "
+            f">= 1 (got {cfg.TEST.VISUALIZE_TOPK})"
+        )
     load_reid_checkpoint(model, cfg.TEST.WEIGHT, for_training=False)
     model.to(device)
-    summary = evaluate_bundle(model, data, build_eval_settings(cfg), device)
+    settings = build_eval_settings(cfg)
+    features = extract_features(model, data.val, device, settings)
+    summary = evaluate_bundle(model, data, settings, device, features=features)
     log_results(summary, f"Test results of {cfg.TEST.WEIGHT}")
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "test_metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"weight": cfg.TEST.WEIGHT, **summary}, f, indent=2)
+    if cfg.TEST.VISUALIZE > 0:
+        _write_ranked_lists(cfg, data, features)
     print(f"mAP: {100 * summary['mAP']:.1f}%")
     print(f"mINP: {100 * summary['mINP']:.1f}%")
     for k in (1, 5, 10):
         print(f"Rank-{k}: {100 * summary[f'rank{k}']:.1f}%")
     return summary
+
+
+def _write_ranked_lists(cfg, data, features) -> None:
+    """Draw the lowest-AP queries of the standard query/gallery split (trial 0 for VehicleID)."""
+    feats, pids, camids, paths = features
+    nq = data.num_query
+    if int(getattr(data, "num_trials", 1)) > 1:
+        logger.info("ranked lists: VehicleID trial 0 (the first gallery draw) only")
+    if cfg.TEST.RE_RANKING:
+        logger.info("ranked lists use plain distances: re-ranking is not applied to them")
+    write_ranked_lists(
+        feats[:nq],
+        feats[nq:],
+        pids[:nq],
+        pids[nq:],
+        camids[:nq],
+        camids[nq:],
+        paths[:nq],
+        paths[nq:],
+        os.path.join(cfg.OUTPUT_DIR, "ranked_lists"),
+        topk=cfg.TEST.VISUALIZE_TOPK,
+        num_queries=cfg.TEST.VISUALIZE,
+        select="worst",
+        feat_norm=cfg.TEST.FEAT_NORM,
+        tile_size=tuple(cfg.INPUT.SIZE_TEST),
+        memory_budget_mb=cfg.TEST.EVAL_MEMORY_MB,
+    )
 
 
 if __name__ == "__main__":

@@ -241,6 +241,10 @@ _C.TEST.MAX_RANK = 50
 _C.TEST.EVAL_MEMORY_MB = 1024
 # VehicleID: random gallery draws averaged (one image per identity in the gallery).
 _C.TEST.VEHICLEID_TRIALS = 10
+# test_clipreid.py: draw the ranked lists of this many lowest-AP queries (0: off, the usual run).
+_C.TEST.VISUALIZE = 0
+# Gallery images shown per drawn query (rank-10 is the usual CMC cut-off).
+_C.TEST.VISUALIZE_TOPK = 10
 
 # ----------------------------------------------------------------------------------------------
 # Output folder: logs, config.yaml, metrics.jsonl, checkpoints.

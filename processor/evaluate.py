@@ -128,7 +128,11 @@ def log_results(summary: dict[str, float], header: str) -> None:
 
 
 def evaluate_bundle(
-    model: torch.nn.Module, data, settings: EvalSettings, device: torch.device
+    model: torch.nn.Module,
+    data,
+    settings: EvalSettings,
+    device: torch.device,
+    features: tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]] | None = None,
 ) -> dict[str, float]:
     """Evaluate on a data bundle's query/gallery; VehicleID averages its gallery-draw trials.
 
@@ -140,11 +144,15 @@ def evaluate_bundle(
         data: the ``DataBundle`` of ``datasets.build.build_dataloaders``.
         settings: evaluation settings.
         device: where the model runs.
+        features: the output of :func:`extract_features` on ``data.val`` when the caller has
+            already extracted it (to reuse the features afterwards); None extracts them here.
 
     Returns:
         :func:`summarize` of the single evaluation, or the mean over trials (with ``num_trials``).
     """
-    feats, pids, camids, paths = extract_features(model, data.val, device, settings)
+    if features is None:
+        features = extract_features(model, data.val, device, settings)
+    feats, pids, camids, paths = features
     num_trials = max(1, int(getattr(data, "num_trials", 1)))
     row = {path: i for i, path in enumerate(paths)}
     summaries = []

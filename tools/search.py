@@ -39,7 +39,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
@@ -59,6 +58,7 @@ from processor.evaluate import build_eval_settings, extract_features  # noqa: E4
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.dist import resolve_device  # noqa: E402
 from utils.logger import progress, setup_logger  # noqa: E402
+from utils.visualize import GAP, LABEL_H, render_ranking  # noqa: E402, F401 (layout re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +81,6 @@ FEATURE_KEYS = (
 # Gallery columns scored at once per query block: bounds the score buffer to rows x 8192 floats.
 GALLERY_CHUNK = 8192
 QUERY_CHUNK = 1024
-# Visualisation layout (pixels): tiles of --tile-size separated by GAP, a LABEL_H text band below.
-GAP = 8
-LABEL_H = 28
-QUERY_BORDER = (40, 160, 40)  # green frame marks the query tile
 
 
 class SearchError(RuntimeError):
@@ -332,60 +328,6 @@ def rank_gallery(
         out_scores.append(best_s)
         out_index.append(best_i)
     return torch.cat(out_scores), torch.cat(out_index)
-
-
-# ----------------------------------------------------------------------------------------------
-# Visualisation
-# ----------------------------------------------------------------------------------------------
-
-
-def _tile(path: str, size: tuple[int, int]) -> Image.Image:
-    """An image resized into an (H, W) tile, aspect kept, centred on grey."""
-    h, w = size
-    tile = Image.new("RGB", (w, h), (128, 128, 128))
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        scale = min(w / img.width, h / img.height)
-        new = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        img = img.resize(new, Image.BILINEAR)
-    tile.paste(img, ((w - new[0]) // 2, (h - new[1]) // 2))
-    return tile
-
-
-def render_ranking(
-    query_path: str,
-    hits: Sequence[dict[str, Any]],
-    tile_size: tuple[int, int],
-    score_key: str = "similarity",
-) -> Image.Image:
-    """Draw a query and its ranked gallery images in one row, with ranks and scores.
-
-    Layout: 1 + k tiles of (H, W) = ``tile_size``, ``GAP`` pixels apart and around, each over a
-    ``LABEL_H`` text band: the image is ``GAP + (1 + k) * (W + GAP)`` wide and
-    ``GAP + H + LABEL_H`` high.
-
-    Args:
-        query_path: the query image.
-        hits: ranked results (``rank``, ``path`` and ``score_key`` entries).
-        tile_size: (H, W) of each tile.
-        score_key: which score to print ('similarity' or 'distance').
-
-    Returns:
-        The RGB image.
-    """
-    h, w = int(tile_size[0]), int(tile_size[1])
-    canvas = Image.new("RGB", (GAP + (1 + len(hits)) * (w + GAP), GAP + h + LABEL_H), "white")
-    draw = ImageDraw.Draw(canvas)
-    labels = [("query", query_path)] + [
-        (f"#{hit['rank']}  {hit[score_key]:.3f}", hit["path"]) for hit in hits
-    ]
-    for col, (label, path) in enumerate(labels):
-        x = GAP + col * (w + GAP)
-        canvas.paste(_tile(path, (h, w)), (x, GAP))
-        if col == 0:
-            draw.rectangle([x, GAP, x + w - 1, GAP + h - 1], outline=QUERY_BORDER, width=2)
-        draw.text((x + 2, GAP + h + 4), label, fill=(0, 0, 0))
-    return canvas
 
 
 # ----------------------------------------------------------------------------------------------
