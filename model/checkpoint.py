@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from yacs.config import CfgNode
 
+from model.build import build_model
 from model.clip.arch import get_arch, list_archs
 from model.clip.vision import resnet_grid, vit_grid
 from model.reid_model import TEXT_PREFIXES, ReIDModel
@@ -71,10 +73,22 @@ class CheckpointLoadReport:
     missing: list[str] = field(default_factory=list)
 
 
-def _read(path: str | Path) -> object:
+def read_checkpoint(path: str | Path, source: str = "TEST.WEIGHT") -> object:
+    """Load a checkpoint file on the CPU (tensors only unless the file needs more).
+
+    Args:
+        path: the file.
+        source: the key or option that named it, for the error message.
+
+    Returns:
+        The stored object (a state dict or a dict holding one).
+
+    Raises:
+        FileNotFoundError: naming the file and ``source``.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (TEST.WEIGHT?)")
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (check {source})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -221,7 +235,7 @@ def load_reid_checkpoint(
         CheckpointMismatchError: the checkpoint does not fit; the message names the config keys.
         FileNotFoundError: the path does not exist.
     """
-    obj = _read(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
+    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     sd = extract_state_dict(obj)
     own = model.state_dict()
     errors: list[str] = []
@@ -388,3 +402,66 @@ def load_reid_checkpoint(
         len(report.missing),
     )
     return report
+
+
+def _model_counts(
+    cfg: CfgNode, sd: Mapping[str, Tensor], num_views: int | None
+) -> tuple[int, int, int]:
+    """(identities, cameras, views) for ``build_model``, read from the checkpoint's shapes."""
+    classifier = sd.get("classifier.weight")
+    num_classes = int(classifier.shape[0]) if classifier is not None else 1
+    table = sd.get("cv_embed")
+    rows = int(table.shape[0]) if table is not None else 0
+    cam, view = bool(cfg.MODEL.SIE_CAMERA), bool(cfg.MODEL.SIE_VIEW)
+    if not rows:
+        # No table: any positive count; the checkpoint loader reports an SIE mismatch by name.
+        return num_classes, 1, 1
+    if cam and view:
+        if not num_views:
+            raise ValueError(
+                f"camera x view SIE: the checkpoint's table has {rows} = cameras x views rows; "
+                "pass --num_views with the training dataset's number of views"
+            )
+        if rows % num_views:
+            raise ValueError(
+                f"--num_views {num_views} does not divide the {rows} rows of the SIE table"
+            )
+        return num_classes, rows // num_views, num_views
+    if view:
+        return num_classes, 1, rows
+    # Camera SIE, or no SIE flags (then the loader's hint suggests MODEL.SIE_CAMERA).
+    return num_classes, rows, num_views or 1
+
+
+def build_model_from_checkpoint(
+    cfg: CfgNode,
+    weights: str | Path | Mapping,
+    *,
+    num_views: int | None = None,
+    source: str = "--weights",
+) -> ReIDModel:
+    """Build the model a config describes and load trained weights, without any dataset.
+
+    The numbers of identities, cameras and views are read from the checkpoint's classifier and
+    SIE table (camera x view SIE needs ``num_views`` to split the table's rows).
+
+    Args:
+        cfg: the run's configuration (MODEL.*, INPUT.*, TEST.NECK_FEAT).
+        weights: checkpoint path or loaded checkpoint (state dict or dict with 'model').
+        num_views: training views, for camera x view SIE only.
+        source: the option that named ``weights``, for the missing-file error.
+
+    Returns:
+        The ``ReIDModel`` on the CPU in eval mode.
+
+    Raises:
+        FileNotFoundError: the weights file does not exist.
+        ValueError: camera x view SIE without a usable ``num_views``.
+        CheckpointMismatchError: the checkpoint does not fit the config (names the keys to set).
+    """
+    obj = read_checkpoint(weights, source) if isinstance(weights, (str, Path)) else weights
+    sd = extract_state_dict(obj)
+    num_classes, num_cameras, views = _model_counts(cfg, sd, num_views)
+    model = build_model(cfg, num_classes, num_cameras, views, load_pretrained=False)
+    load_reid_checkpoint(model, obj, for_training=False)
+    return model.eval()

@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,14 +43,12 @@ from torch import Tensor, nn  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
 from configs.config import load_cfg  # noqa: E402
-from model.build import build_model  # noqa: E402
-from model.checkpoint import extract_state_dict, load_reid_checkpoint  # noqa: E402
+from model.checkpoint import build_model_from_checkpoint  # noqa: E402
 from model.reid_model import ReIDModel  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
 
 __all__ = [
     "EncoderForExport",
-    "build_export_model",
     "export_metadata",
     "export_onnx",
     "main",
@@ -121,76 +118,6 @@ def sidecar_path(onnx_path: str | Path) -> Path:
     """
     path = Path(onnx_path)
     return path.with_name(path.name + ".json")
-
-
-def _read_checkpoint(path: str | Path) -> object:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist (check --weights)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints may hold non-tensor objects (e.g. a config node).
-        logger.warning("%s holds non-tensor objects; loading it fully (trusted files only)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _model_counts(
-    cfg: CfgNode, sd: Mapping[str, Tensor], num_views: int | None
-) -> tuple[int, int, int]:
-    """(identities, cameras, views) for ``build_model``, read from the checkpoint's shapes."""
-    classifier = sd.get("classifier.weight")
-    num_classes = int(classifier.shape[0]) if classifier is not None else 1
-    table = sd.get("cv_embed")
-    rows = int(table.shape[0]) if table is not None else 0
-    cam, view = bool(cfg.MODEL.SIE_CAMERA), bool(cfg.MODEL.SIE_VIEW)
-    if not rows:
-        # No table: any positive count; the checkpoint loader reports an SIE mismatch by name.
-        return num_classes, 1, 1
-    if cam and view:
-        if not num_views:
-            raise ValueError(
-                f"camera x view SIE: the checkpoint's table has {rows} = cameras x views rows; "
-                "pass --num_views with the training dataset's number of views"
-            )
-        if rows % num_views:
-            raise ValueError(
-                f"--num_views {num_views} does not divide the {rows} rows of the SIE table"
-            )
-        return num_classes, rows // num_views, num_views
-    if view:
-        return num_classes, 1, rows
-    # Camera SIE, or no SIE flags (then the loader's hint suggests MODEL.SIE_CAMERA).
-    return num_classes, rows, num_views or 1
-
-
-def build_export_model(
-    cfg: CfgNode, weights: str | Path | Mapping, *, num_views: int | None = None
-) -> ReIDModel:
-    """Build the model a config describes and load trained weights, without any dataset.
-
-    The numbers of identities, cameras and views are read from the checkpoint's classifier and
-    SIE table (camera x view SIE needs ``num_views`` to split the table's rows).
-
-    Args:
-        cfg: the run's configuration (MODEL.*, INPUT.*, TEST.NECK_FEAT).
-        weights: checkpoint path or loaded checkpoint (state dict or dict with 'model').
-        num_views: training views, for camera x view SIE only.
-
-    Returns:
-        The ``ReIDModel`` on the CPU in eval mode.
-
-    Raises:
-        FileNotFoundError: the weights file does not exist.
-        ValueError: camera x view SIE without a usable ``num_views``.
-        CheckpointMismatchError: the checkpoint does not fit the config (names the keys to set).
-    """
-    obj = _read_checkpoint(weights) if isinstance(weights, (str, Path)) else weights
-    sd = extract_state_dict(obj)
-    num_classes, num_cameras, views = _model_counts(cfg, sd, num_views)
-    model = build_model(cfg, num_classes, num_cameras, views, load_pretrained=False)
-    load_reid_checkpoint(model, obj, for_training=False)
-    return model.eval()
 
 
 def export_metadata(
@@ -476,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.opts = args.opts[1:]
     cfg = load_cfg(args.config_file or None, args.opts)
     try:
-        model = build_export_model(cfg, args.weights, num_views=args.num_views)
+        model = build_model_from_checkpoint(cfg, args.weights, num_views=args.num_views)
     except ValueError as err:
         raise SystemExit(str(err)) from err
     normalize = bool(cfg.TEST.FEAT_NORM) if args.normalize is None else bool(args.normalize)

@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,8 +50,7 @@ from datasets.bases import (  # noqa: E402
     collate_batch,
 )
 from datasets.transforms import build_test_transform  # noqa: E402
-from model.build import build_model  # noqa: E402
-from model.checkpoint import extract_state_dict, load_reid_checkpoint  # noqa: E402
+from model.checkpoint import build_model_from_checkpoint  # noqa: E402
 from model.reid_model import ReIDModel  # noqa: E402
 from processor.evaluate import build_eval_settings, extract_features  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
@@ -161,17 +159,6 @@ def feature_settings(cfg: CfgNode, weights_sha256: str) -> dict[str, Any]:
     return out
 
 
-def _read_weights(path: str) -> object:
-    if not os.path.isfile(path):
-        raise SearchError(f"--weights {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints may hold non-tensor objects (e.g. a config node).
-        logger.warning("%s holds non-tensor objects; loading it fully (trusted files only)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def build_search_model(cfg: CfgNode, weights: str) -> ReIDModel:
     """Build the model of a config and load its trained weights, in eval mode on the CPU.
 
@@ -194,15 +181,10 @@ def build_search_model(cfg: CfgNode, weights: str) -> ReIDModel:
             "image's camera and viewpoint, which a folder does not give; search supports one of "
             "the two SIE kinds, or none"
         )
-    obj = _read_weights(weights)
-    sd = extract_state_dict(obj)
-    num_classes = int(sd["classifier.weight"].shape[0]) if "classifier.weight" in sd else 1
-    rows = int(sd["cv_embed"].shape[0]) if "cv_embed" in sd else 1
-    num_cameras = rows if cfg.MODEL.SIE_CAMERA else 1
-    num_views = rows if cfg.MODEL.SIE_VIEW else 1
-    model = build_model(cfg, num_classes, num_cameras, num_views, load_pretrained=False)
-    load_reid_checkpoint(model, obj, for_training=False)
-    return model.eval()
+    try:
+        return build_model_from_checkpoint(cfg, weights)
+    except FileNotFoundError as err:
+        raise SearchError(str(err)) from err
 
 
 def _check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int | None) -> None:
