@@ -21,12 +21,23 @@ import yaml
 from yacs.config import CfgNode as CN
 
 from configs.defaults import (
-    CHOICES,
     FLAT_SOLVER_KEYS,
     LEGACY_KEYS,
     VEHICLE_DATASETS,
     get_cfg_defaults,
 )
+from datasets.synthetic import SYNTHETIC_MODES
+from datasets.vehicleid import VEHICLEID
+from loss.build import SAMPLERS, TEXT_LOSSES
+from model.build import check_model_cfg
+from model.clip.arch import ARCHS
+from model.clip.vision import SIE_MODES
+from model.reid_model import NECK_FEATS
+from processor.common import AMP_DTYPES
+from processor.recipes import RECIPES, get_recipe
+from processor.stage1 import STAGE1_MODES
+from solver.optimizer import OPTIMIZERS
+from solver.scheduler import WARMUP_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +47,31 @@ _FALSE = {"false", "no", "off", "0"}
 
 class ConfigError(ValueError):
     """A configuration file, key or value is invalid; the message says what to change."""
+
+
+def config_choices() -> dict[str, list]:
+    """The valid values of every key that takes a fixed set of choices.
+
+    Each set is owned by the component that implements it (a registry or a constant next to the
+    code), so a name registered by a user (``register_arch``, ``register_recipe``) is valid here.
+
+    Returns:
+        Key -> valid values.
+    """
+    return {
+        "MODEL.NAME": ARCHS.names(),
+        "MODEL.METHOD": RECIPES.names(),
+        "MODEL.SIE_MODE": list(SIE_MODES),
+        "MODEL.AMP_DTYPE": list(AMP_DTYPES),
+        "DATALOADER.SAMPLER": list(SAMPLERS),
+        "DATASETS.VEHICLEID_TEST_SIZE": list(VEHICLEID.test_sizes),
+        "DATASETS.SYNTHETIC.MODE": list(SYNTHETIC_MODES),
+        "SOLVER.STAGE1.OPTIMIZER_NAME": list(OPTIMIZERS),
+        "SOLVER.STAGE2.OPTIMIZER_NAME": list(OPTIMIZERS),
+        "SOLVER.STAGE1.MODE": list(STAGE1_MODES),
+        "SOLVER.STAGE2.WARMUP_METHOD": list(WARMUP_METHODS),
+        "TEST.NECK_FEAT": list(NECK_FEATS),
+    }
 
 
 def _flatten(node: dict, prefix: str = "") -> dict[str, Any]:
@@ -202,9 +238,9 @@ def _resolve(cfg: CN, explicit: set[str]) -> None:
             names == ["synthetic"] and cfg.DATASETS.SYNTHETIC.MODE == "vehicle"
         )
         cfg.MODEL.PROMPT_CLASS = "vehicle" if vehicle else "person"
-    if cfg.MODEL.METHOD == "pcl" and "TEST.NECK_FEAT" not in explicit:
-        # PCL-CLIP's memory bank and eval feature are the post-BN feature (no pre-BN variant).
-        cfg.TEST.NECK_FEAT = "after"
+    if cfg.MODEL.METHOD in RECIPES and "TEST.NECK_FEAT" not in explicit:
+        # A method may imply its eval feature (PCL-CLIP: the post-BN feature, no pre-BN variant).
+        cfg.TEST.NECK_FEAT = get_recipe(cfg.MODEL.METHOD).neck_feat or cfg.TEST.NECK_FEAT
 
 
 def validate_cfg(cfg: CN) -> None:
@@ -216,7 +252,7 @@ def validate_cfg(cfg: CN) -> None:
     Raises:
         ConfigError: naming the key, its value and the valid values or what to change.
     """
-    for key, allowed in CHOICES.items():
+    for key, allowed in config_choices().items():
         node = cfg
         for part in key.split("."):
             node = node[part]
@@ -234,16 +270,6 @@ def validate_cfg(cfg: CN) -> None:
         value = cfg[key.split(".")[0]][key.split(".")[1]]
         if len(value) != 2 or any(int(v) <= 0 for v in value):
             raise ConfigError(f"{key} = {list(value)}: expected two positive integers [H, W]")
-    grid = [
-        [(int(s[i]) - 16) // int(cfg.MODEL.STRIDE_SIZE[i]) + 1 for i in range(2)]
-        for s in (cfg.INPUT.SIZE_TRAIN, cfg.INPUT.SIZE_TEST)
-    ]
-    if grid[0] != grid[1]:
-        raise ConfigError(
-            f"INPUT.SIZE_TRAIN {list(cfg.INPUT.SIZE_TRAIN)} and INPUT.SIZE_TEST "
-            f"{list(cfg.INPUT.SIZE_TEST)} give different token grids {grid[0]} vs {grid[1]} with "
-            f"MODEL.STRIDE_SIZE {list(cfg.MODEL.STRIDE_SIZE)}; make them equal"
-        )
     for stage in ("STAGE1", "STAGE2"):
         if cfg.SOLVER[stage].IMS_PER_BATCH <= 0 or cfg.SOLVER[stage].MAX_EPOCHS < 0:
             raise ConfigError(f"SOLVER.{stage}: IMS_PER_BATCH must be > 0 and MAX_EPOCHS >= 0")
@@ -255,59 +281,21 @@ def validate_cfg(cfg: CN) -> None:
             f"SOLVER.STAGE2.IMS_PER_BATCH = {cfg.SOLVER.STAGE2.IMS_PER_BATCH} must be a multiple "
             f"of DATALOADER.NUM_INSTANCE = {k} (>= 2) for P x K batches"
         )
-    bad = sorted(set(cfg.SOLVER.STAGE2.TEXT_LOSSES) - {"i2tce", "i2t", "t2i"})
+    bad = sorted(set(cfg.SOLVER.STAGE2.TEXT_LOSSES) - set(TEXT_LOSSES))
     if bad:
         raise ConfigError(
-            f"SOLVER.STAGE2.TEXT_LOSSES has unknown entries {bad}; valid: 'i2tce', 'i2t', 't2i'"
+            f"SOLVER.STAGE2.TEXT_LOSSES has unknown entries {bad}; valid: {list(TEXT_LOSSES)}"
         )
-    if "{ctx}" not in cfg.MODEL.PROMPT_TEMPLATE:
-        raise ConfigError(
-            f"MODEL.PROMPT_TEMPLATE = {cfg.MODEL.PROMPT_TEMPLATE!r} needs a '{{ctx}}' placeholder "
-            "for the learnable tokens"
-        )
-    if cfg.MODEL.PROMPT_N_CTX < 1:
-        raise ConfigError(f"MODEL.PROMPT_N_CTX = {cfg.MODEL.PROMPT_N_CTX}: must be at least 1")
     if cfg.SOLVER.STAGE2.EVAL_PERIOD < 1 or cfg.SOLVER.STAGE2.CHECKPOINT_PERIOD < 1:
         raise ConfigError("SOLVER.STAGE2.EVAL_PERIOD and CHECKPOINT_PERIOD must be >= 1")
     if cfg.SOLVER.STAGE1.CHECKPOINT_PERIOD < 1:
         raise ConfigError("SOLVER.STAGE1.CHECKPOINT_PERIOD must be >= 1")
-    if cfg.MODEL.METHOD == "pcl" and cfg.TEST.NECK_FEAT != "after":
-        raise ConfigError(
-            "MODEL.METHOD 'pcl' evaluates (and builds its memory bank from) the post-BN feature: "
-            "set TEST.NECK_FEAT 'after'"
-        )
-    if cfg.MODEL.PCL_TEMPERATURE <= 0 or not 0.0 <= cfg.MODEL.MEMORY_MOMENTUM <= 1.0:
-        raise ConfigError(
-            f"MODEL.PCL_TEMPERATURE = {cfg.MODEL.PCL_TEMPERATURE} must be > 0 and "
-            f"MODEL.MEMORY_MOMENTUM = {cfg.MODEL.MEMORY_MOMENTUM} in [0, 1]"
-        )
-    if cfg.MODEL.PCL_UNSUPERVISED:
-        _validate_unsupervised(cfg)
-
-
-def _validate_unsupervised(cfg: CN) -> None:
-    """Cross-key rules of unsupervised PCL-CLIP (``MODEL.PCL_UNSUPERVISED``)."""
-    m = cfg.MODEL
-    if m.METHOD != "pcl":
-        raise ConfigError(
-            f"MODEL.PCL_UNSUPERVISED needs MODEL.METHOD 'pcl' (got {m.METHOD!r}): only the PCL "
-            "centroid memory trains on cluster pseudo labels"
-        )
-    if m.ID_LOSS_WEIGHT != 0:
-        # Pseudo labels change number and meaning every epoch: no fixed classifier to train.
-        raise ConfigError(
-            f"MODEL.ID_LOSS_WEIGHT = {m.ID_LOSS_WEIGHT}: unsupervised PCL-CLIP has no fixed "
-            "classes, set MODEL.ID_LOSS_WEIGHT 0 (the loss is the PCL term only)"
-        )
-    if m.PCL_LOSS_WEIGHT <= 0:
-        raise ConfigError(f"MODEL.PCL_LOSS_WEIGHT = {m.PCL_LOSS_WEIGHT} must be > 0 in USL")
-    if not 0.0 < m.CLUSTER_EPS < 1.0:
-        raise ConfigError(f"MODEL.CLUSTER_EPS = {m.CLUSTER_EPS}: a Jaccard radius in (0, 1)")
-    if m.CLUSTER_MIN_SAMPLES < 1 or m.CLUSTER_K1 < 1 or m.CLUSTER_K2 < 1:
-        raise ConfigError(
-            f"MODEL.CLUSTER_MIN_SAMPLES {m.CLUSTER_MIN_SAMPLES}, CLUSTER_K1 {m.CLUSTER_K1} and "
-            f"CLUSTER_K2 {m.CLUSTER_K2} must be >= 1"
-        )
+    try:
+        # The components' own cross-key rules, written once next to the code they protect.
+        check_model_cfg(cfg)
+        get_recipe(cfg.MODEL.METHOD).check_cfg(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def load_cfg(config_file: str | None = None, opts: Sequence[str] = (), freeze: bool = True) -> CN:

@@ -309,22 +309,6 @@ FLAT_SOLVER_KEYS = (
     "EVAL_PERIOD",
 )
 
-# Allowed values of the keys that take a fixed set of choices.
-CHOICES: dict[str, tuple] = {
-    "MODEL.NAME": ("ViT-B-16", "RN50", "ViT-T-16-test", "RN-T-test"),
-    "MODEL.METHOD": ("clipreid", "clipreid_one_stage", "baseline", "pcl"),
-    "MODEL.SIE_MODE": ("cls", "all"),
-    "MODEL.AMP_DTYPE": ("fp16", "bf16", "fp32"),
-    "DATALOADER.SAMPLER": ("softmax_triplet", "softmax"),
-    "DATASETS.VEHICLEID_TEST_SIZE": (800, 1600, 2400),
-    "DATASETS.SYNTHETIC.MODE": ("person", "vehicle"),
-    "SOLVER.STAGE1.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
-    "SOLVER.STAGE2.OPTIMIZER_NAME": ("Adam", "AdamW", "SGD"),
-    "SOLVER.STAGE1.MODE": ("instance", "average"),
-    "SOLVER.STAGE2.WARMUP_METHOD": ("linear", "constant"),
-    "TEST.NECK_FEAT": ("before", "after"),
-}
-
 # Dataset names whose prompts use the class word 'vehicle'.
 VEHICLE_DATASETS = ("veri", "VehicleID")
 

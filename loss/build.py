@@ -223,23 +223,23 @@ def build_pcl_loss(cfg: Any, num_classes: int) -> PCLLoss:
     return loss
 
 
-def build_loss(cfg: Any, num_classes: int) -> ReIDLoss | PCLLoss:
-    """Build the second-stage / baseline loss (or, for ``MODEL.METHOD 'pcl'``, the PCL loss).
+def build_loss(cfg: Any, num_classes: int, with_text: bool = True) -> ReIDLoss:
+    """Build the second-stage / baseline loss of CLIP-ReID.
 
     Reads ``MODEL.{IF_LABELSMOOTH, LABEL_SMOOTH_EPS, ID_LOSS_WEIGHT, TRIPLET_LOSS_WEIGHT,
     I2T_LOSS_WEIGHT, NO_MARGIN, TEMPERATURE}``, ``SOLVER.MARGIN``, ``DATALOADER.SAMPLER`` and
-    ``SOLVER.STAGE2.TEXT_LOSSES``; PCL-CLIP is built by :func:`build_pcl_loss`. The official
-    center loss is left out: it was built but never added to the objective.
+    ``SOLVER.STAGE2.TEXT_LOSSES`` (the text terms, when the model has the text side). PCL-CLIP
+    is built by :func:`build_pcl_loss`. The official center loss is left out: it was built but
+    never added to the objective.
 
     Args:
         cfg: yacs config.
         num_classes: number of training identities (checked against the logits).
+        with_text: False builds no text term (the baseline has no text side).
 
     Returns:
-        The :class:`ReIDLoss`, or the :class:`PCLLoss` for ``MODEL.METHOD 'pcl'``.
+        The :class:`ReIDLoss`.
     """
-    if cfg.MODEL.METHOD == "pcl":
-        return build_pcl_loss(cfg, num_classes)
     sampler = cfg.DATALOADER.SAMPLER
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown DATALOADER.SAMPLER {sampler!r}; valid names: {list(SAMPLERS)}")
@@ -253,7 +253,7 @@ def build_loss(cfg: Any, num_classes: int) -> ReIDLoss | PCLLoss:
         margin=cfg.SOLVER.MARGIN,
         soft_margin=cfg.MODEL.NO_MARGIN,
         use_triplet=SAMPLERS[sampler],
-        text_losses=list(cfg.SOLVER.STAGE2.TEXT_LOSSES),
+        text_losses=list(cfg.SOLVER.STAGE2.TEXT_LOSSES) if with_text else [],
         temperature=cfg.MODEL.TEMPERATURE,
         num_classes=num_classes,
     )

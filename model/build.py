@@ -11,15 +11,47 @@ from model.clip.vision import resnet_grid, vit_grid
 from model.prompt_learner import format_prompt_template
 from model.reid_model import ReIDModel
 from model.weights import create_pretrained_clip, uses_quick_gelu
+from processor.recipes import get_recipe
 
-__all__ = ["build_model"]
+__all__ = ["build_model", "check_model_cfg"]
 
 logger = logging.getLogger(__name__)
 
-METHODS_WITH_TEXT = ("clipreid", "clipreid_one_stage")
-METHODS = (*METHODS_WITH_TEXT, "baseline", "pcl")
-# Head variant of each method: PCL-CLIP has one classifier on the concatenated post-BN feature.
-_HEAD_OF_METHOD = {"pcl": "pcl"}
+
+def _sizes(cfg: CfgNode) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(INPUT.SIZE_TRAIN, INPUT.SIZE_TEST, MODEL.STRIDE_SIZE) as int pairs."""
+    pair = lambda v: (int(v[0]), int(v[1]))  # noqa: E731
+    return pair(cfg.INPUT.SIZE_TRAIN), pair(cfg.INPUT.SIZE_TEST), pair(cfg.MODEL.STRIDE_SIZE)
+
+
+def check_model_cfg(cfg: CfgNode) -> None:
+    """The model's cross-key rules, checked once when the config is validated.
+
+    The token grid of INPUT.SIZE_TEST must equal INPUT.SIZE_TRAIN's (the positional embedding
+    fits one grid), and the prompt template must format with MODEL.PROMPT_N_CTX tokens.
+
+    Args:
+        cfg: a merged configuration (MODEL.NAME must be a registered architecture).
+
+    Raises:
+        ValueError: naming the keys and the value to set.
+    """
+    m = cfg.MODEL
+    arch = get_arch(m.NAME)
+    size_train, size_test, stride = _sizes(cfg)
+    if arch.kind == "vit":
+        grid_train = vit_grid(size_train, arch.vision_patch_size, stride)
+        grid_test = vit_grid(size_test, arch.vision_patch_size, stride)
+    else:
+        grid_train, grid_test = resnet_grid(size_train), resnet_grid(size_test)
+    if grid_train != grid_test:
+        raise ValueError(
+            f"INPUT.SIZE_TEST {list(size_test)} gives a {grid_test[0]}x{grid_test[1]} grid but "
+            f"INPUT.SIZE_TRAIN {list(size_train)} gives {grid_train[0]}x{grid_train[1]} with "
+            f"MODEL.STRIDE_SIZE {list(stride)}; the positional embedding fits one grid only, so "
+            f"set INPUT.SIZE_TEST to {list(size_train)}"
+        )
+    format_prompt_template(m.PROMPT_TEMPLATE, int(m.PROMPT_N_CTX), m.PROMPT_CLASS or "person")
 
 
 def build_model(
@@ -37,6 +69,8 @@ def build_model(
     MODEL.PROMPT_TEMPLATE, MODEL.PROMPT_CLASS, MODEL.PROMPT_N_CTX, MODEL.FREEZE_PATCH_EMBED,
     INPUT.SIZE_TRAIN, INPUT.SIZE_TEST and TEST.NECK_FEAT. ``MODEL.METHOD 'pcl'`` builds the
     PCL-CLIP head (``head='pcl'``: one classifier on the 1280-d post-BN feature of ViT-B-16).
+    The method's recipe (:mod:`processor.recipes`) says whether the model has the text side and
+    which head it has.
 
     Args:
         cfg: the (validated) config.
@@ -51,29 +85,16 @@ def build_model(
         biases (call ``set_trainable`` for a stage).
 
     Raises:
-        ValueError: an invalid value; the message names the key.
+        ValueError: an invalid value (:func:`check_model_cfg`), or an unregistered MODEL.NAME or
+            MODEL.METHOD (``UnknownNameError``); the message names the key.
     """
+    check_model_cfg(cfg)  # also for configs built by hand, without ``load_cfg``
     m = cfg.MODEL
     arch = get_arch(m.NAME)
-    if m.METHOD not in METHODS:
-        raise ValueError(f"MODEL.METHOD must be one of {METHODS}, got {m.METHOD!r}")
-    size_train = (int(cfg.INPUT.SIZE_TRAIN[0]), int(cfg.INPUT.SIZE_TRAIN[1]))
-    size_test = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
-    stride = (int(m.STRIDE_SIZE[0]), int(m.STRIDE_SIZE[1]))
-    if arch.kind == "vit":
-        grid_train = vit_grid(size_train, arch.vision_patch_size, stride)
-        grid_test = vit_grid(size_test, arch.vision_patch_size, stride)
-    else:
-        grid_train, grid_test = resnet_grid(size_train), resnet_grid(size_test)
-    if grid_train != grid_test:
-        raise ValueError(
-            f"INPUT.SIZE_TEST {list(size_test)} gives a {grid_test[0]}x{grid_test[1]} grid but "
-            f"INPUT.SIZE_TRAIN {list(size_train)} gives {grid_train[0]}x{grid_train[1]} with "
-            f"MODEL.STRIDE_SIZE {list(stride)}; the positional embedding fits one grid only, so "
-            f"set INPUT.SIZE_TEST to {list(size_train)}"
-        )
+    recipe = get_recipe(m.METHOD)
+    size_train, _, stride = _sizes(cfg)
 
-    with_text = m.METHOD in METHODS_WITH_TEXT
+    with_text = recipe.with_text
     class_word = m.PROMPT_CLASS
     if with_text and not class_word:
         logger.warning("MODEL.PROMPT_CLASS is empty; using 'person'")
@@ -100,26 +121,31 @@ def build_model(
         with_text=with_text,
         prompt_template=template,
         n_ctx=int(m.PROMPT_N_CTX),
-        head=_HEAD_OF_METHOD.get(m.METHOD, "clipreid"),
+        head=recipe.head,
         freeze_patch_embed=bool(m.FREEZE_PATCH_EMBED),
     )
+    _log_built(model, m.METHOD, size_train)
+    return model
+
+
+def _log_built(model: ReIDModel, method: str, size: tuple[int, int]) -> None:
+    """One log line describing the built model."""
     enc = model.image_encoder
     logger.info(
         "Built %s (%s, %s head): %dx%d grid (%d tokens) for %dx%d input, eval feature %d-d, "
         "%d identities%s%s",
-        arch.name,
-        m.METHOD,
+        model.arch.name,
+        method,
         model.head,
         enc.grid[0],
         enc.grid[1],
         enc.num_tokens,
-        size_train[0],
-        size_train[1],
+        size[0],
+        size[1],
         model.feat_dim,
-        num_classes,
+        model.num_classes,
         f", SIE {tuple(model.cv_embed.shape)} x {model.sie_coe}"
         if model.cv_embed is not None
         else "",
         ", patch embedding frozen" if model.freeze_patch_embed else "",
     )
-    return model

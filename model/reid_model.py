@@ -29,6 +29,7 @@ from model.prompt_learner import PromptLearner
 __all__ = [
     "HEADS",
     "NECK_FEATS",
+    "TRAINABLE_PARTS",
     "PATCH_EMBED_PREFIX",
     "ReIDModel",
     "ReIDTrainOutput",
@@ -39,6 +40,8 @@ NECK_FEATS = ("before", "after")
 # 'clipreid': a classifier per BNNeck (CLIP-ReID, baseline); 'pcl': one classifier on the
 # concatenated BNNeck outputs (PCL-CLIP, Li & Gong 2023).
 HEADS = ("clipreid", "pcl")
+# What ``ReIDModel.set_trainable`` can select: stage 1, stage 2, one-stage training.
+TRAINABLE_PARTS = ("prompts", "image", "image+prompts")
 # State-dict prefix of the ViT patch embedding (frozen by ``freeze_patch_embed``).
 PATCH_EMBED_PREFIX = "image_encoder.conv1."
 # State-dict prefixes of the text side (absent from the baseline model).
@@ -180,44 +183,19 @@ class ReIDModel(nn.Module):
         self.sie_camera, self.sie_view = bool(sie_camera), bool(sie_view)
         self.num_cameras, self.num_views = int(num_cameras), int(num_views)
         self.sie_coe = float(sie_coe)
-        rows = 0
-        if self.sie_camera and self.sie_view:
-            rows = self.num_cameras * self.num_views
-        elif self.sie_camera:
-            rows = self.num_cameras
-        elif self.sie_view:
-            rows = self.num_views
-        if (self.sie_camera or self.sie_view) and rows < 1:
-            raise ValueError(
-                f"SIE is enabled (MODEL.SIE_CAMERA {self.sie_camera}, MODEL.SIE_VIEW "
-                f"{self.sie_view}) but the dataset reports {num_cameras} cameras and "
-                f"{num_views} views"
-            )
-        if rows:
-            table = torch.empty(
-                rows, self.image_encoder.width, device=_module_device(self.image_encoder)
-            )
-            self.cv_embed = nn.Parameter(nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0))
-        else:
-            self.cv_embed = None
+        self.cv_embed = _sie_table(
+            self.sie_camera, self.sie_view, self.num_cameras, self.num_views, self.image_encoder
+        )
 
-        self.bottleneck = _bnneck(dims.final)
-        self.bottleneck_proj = _bnneck(dims.proj)
+        device = _module_device(self.image_encoder)
+        self.bottleneck = _bnneck(dims.final).to(device)
+        self.bottleneck_proj = _bnneck(dims.proj).to(device)
         if head == "pcl":
-            self.classifier = _classifier(dims.final + dims.proj, num_classes)
+            self.classifier = _classifier(dims.final + dims.proj, num_classes).to(device)
             self.classifier_proj = None
         else:
-            self.classifier = _classifier(dims.final, num_classes)
-            self.classifier_proj = _classifier(dims.proj, num_classes)
-        device = _module_device(self.image_encoder)
-        for module in (
-            self.bottleneck,
-            self.bottleneck_proj,
-            self.classifier,
-            self.classifier_proj,
-        ):
-            if module is not None:
-                module.to(device)
+            self.classifier = _classifier(dims.final, num_classes).to(device)
+            self.classifier_proj = _classifier(dims.proj, num_classes).to(device)
         if self.freeze_patch_embed:
             self.image_encoder.conv1.requires_grad_(False)
 
@@ -386,45 +364,69 @@ class ReIDModel(nn.Module):
         return ReIDTrainOutput(scores, pre_bn, feats.proj)
 
     # ------------------------------------------------------------------------------------------
-    def set_trainable(self, stage: int) -> list[str]:
-        """Set ``requires_grad`` for a training stage.
+    def set_trainable(self, part: str) -> list[str]:
+        """Set ``requires_grad`` for what a training stage trains.
 
-        * 1: only the prompt tokens ``prompt_learner.cls_ctx`` (text encoder and image side
-          frozen, so no gradient is accumulated in the text tower).
-        * 2: everything except the prompt learner and the text encoder; the BNNeck biases stay
-          frozen.
-        * 0: one-stage training (paper Tab. 5): stage 2's set plus the prompt tokens.
+        * ``'prompts'`` (CLIP-ReID stage 1): only the prompt tokens ``prompt_learner.cls_ctx``
+          (text encoder and image side frozen, so no gradient is accumulated in the text tower).
+        * ``'image'`` (stage 2, baseline, PCL-CLIP): everything except the prompt learner and the
+          text encoder; the BNNeck biases stay frozen.
+        * ``'image+prompts'`` (one-stage training, paper Tab. 5): ``'image'`` plus the prompt
+          tokens.
 
-        With ``freeze_patch_embed`` the ViT patch embedding stays frozen in stages 0 and 2.
+        With ``freeze_patch_embed`` the ViT patch embedding stays frozen in ``'image'`` and
+        ``'image+prompts'``.
 
         Args:
-            stage: 0, 1 or 2.
+            part: one of :data:`TRAINABLE_PARTS`.
 
         Returns:
             Names of the trainable parameters.
 
         Raises:
-            ValueError: unknown stage, or stage 0/1 on the baseline model.
+            ValueError: unknown part, or a part with prompts on a model without the text side.
         """
-        if stage not in (0, 1, 2):
-            raise ValueError(f"stage must be 0, 1 or 2, got {stage}")
-        if stage in (0, 1) and not self.has_text:
-            raise ValueError(f"Stage {stage} needs the text side; the baseline model has none")
+        if part not in TRAINABLE_PARTS:
+            raise ValueError(f"part must be one of {TRAINABLE_PARTS}, got {part!r}")
+        with_prompts = part != "image"
+        if with_prompts and not self.has_text:
+            raise ValueError(f"{part!r} needs the text side; this model has none")
         frozen_bias = {"bottleneck.bias", "bottleneck_proj.bias"}
         names = []
         for name, param in self.named_parameters():
-            if stage == 1:
-                train = name == "prompt_learner.cls_ctx"
-            else:
-                train = not name.startswith(TEXT_PREFIXES) and name not in frozen_bias
-                train = train and not (
+            train = with_prompts and name == "prompt_learner.cls_ctx"
+            if part != "prompts":
+                image = not name.startswith(TEXT_PREFIXES) and name not in frozen_bias
+                image = image and not (
                     self.freeze_patch_embed and name.startswith(PATCH_EMBED_PREFIX)
                 )
-                train = train or (stage == 0 and name == "prompt_learner.cls_ctx")
+                train = train or image
             param.requires_grad_(train)
             if train:
                 names.append(name)
         return names
+
+
+def _sie_table(
+    camera: bool, view: bool, num_cameras: int, num_views: int, encoder: nn.Module
+) -> nn.Parameter | None:
+    """The SIE table [rows, width] (camera x view, camera or view rows), or None without SIE.
+
+    Raises:
+        ValueError: SIE enabled but the dataset reports no camera/view.
+    """
+    rows = {(True, True): num_cameras * num_views, (True, False): num_cameras}.get(
+        (camera, view), num_views if view else 0
+    )
+    if (camera or view) and rows < 1:
+        raise ValueError(
+            f"SIE is enabled (MODEL.SIE_CAMERA {camera}, MODEL.SIE_VIEW {view}) but the "
+            f"dataset reports {num_cameras} cameras and {num_views} views"
+        )
+    if not rows:
+        return None
+    table = torch.empty(rows, encoder.width, device=_module_device(encoder))
+    return nn.Parameter(nn.init.trunc_normal_(table, std=0.02, a=-2.0, b=2.0))
 
 
 def _module_device(module: nn.Module) -> torch.device:

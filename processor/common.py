@@ -11,62 +11,55 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass(frozen=True)
-class TrainSettings:
-    """Plain values the training loops need (built from the config by ``build_train_settings``)."""
+class LoopSettings:
+    """How one training stage loops (built from the config by :func:`build_loop_settings`).
 
-    output_dir: str
-    model_name: str
-    method: str
+    Attributes:
+        stage: 1 (prompt learning) or 2 (image-encoder fine-tuning).
+        epochs: ``SOLVER.STAGEn.MAX_EPOCHS``.
+        log_period: iterations between log lines.
+        checkpoint_period: epochs between full-state checkpoints.
+        eval_period: epochs between evaluations (stage 2; 0 in stage 1: no evaluation).
+        seed: ``SOLVER.SEED`` (every epoch's randomness derives from it).
+        amp_dtype: ``MODEL.AMP_DTYPE`` (autocast precision on CUDA).
+        output_dir: where ``metrics.jsonl`` is appended.
+    """
+
+    stage: int
+    epochs: int
+    log_period: int
+    checkpoint_period: int
+    eval_period: int
     seed: int
     amp_dtype: str
-    use_camids: bool
-    use_viewids: bool
-    temperature: float
-    stage1_epochs: int
-    stage1_batch: int
-    stage1_mode: str
-    stage1_log_period: int
-    stage1_checkpoint_period: int
-    stage2_epochs: int
-    stage2_log_period: int
-    stage2_checkpoint_period: int
-    stage2_eval_period: int
-    text_losses: tuple[str, ...]
+    output_dir: str
 
 
-def build_train_settings(cfg) -> TrainSettings:
-    """Collect the training-loop settings from a configuration.
+def build_loop_settings(cfg, stage: int) -> LoopSettings:
+    """Collect the loop settings of a training stage.
 
     Args:
-        cfg: the run configuration.
+        cfg: the run configuration (``SOLVER.STAGEn.*``, ``SOLVER.SEED``, ``MODEL.AMP_DTYPE``,
+            ``OUTPUT_DIR``).
+        stage: 1 or 2.
 
     Returns:
-        A frozen :class:`TrainSettings`.
+        A frozen :class:`LoopSettings`.
     """
-    s1, s2 = cfg.SOLVER.STAGE1, cfg.SOLVER.STAGE2
-    return TrainSettings(
-        output_dir=cfg.OUTPUT_DIR,
-        model_name=cfg.MODEL.NAME,
-        method=cfg.MODEL.METHOD,
+    s = cfg.SOLVER.STAGE1 if stage == 1 else cfg.SOLVER.STAGE2
+    return LoopSettings(
+        stage=stage,
+        epochs=s.MAX_EPOCHS,
+        log_period=s.LOG_PERIOD,
+        checkpoint_period=s.CHECKPOINT_PERIOD,
+        eval_period=s.EVAL_PERIOD if stage == 2 else 0,
         seed=cfg.SOLVER.SEED,
         amp_dtype=cfg.MODEL.AMP_DTYPE,
-        use_camids=cfg.MODEL.SIE_CAMERA,
-        use_viewids=cfg.MODEL.SIE_VIEW,
-        temperature=cfg.MODEL.TEMPERATURE,
-        stage1_epochs=s1.MAX_EPOCHS,
-        stage1_batch=s1.IMS_PER_BATCH,
-        stage1_mode=s1.MODE,
-        stage1_log_period=s1.LOG_PERIOD,
-        stage1_checkpoint_period=s1.CHECKPOINT_PERIOD,
-        stage2_epochs=s2.MAX_EPOCHS,
-        stage2_log_period=s2.LOG_PERIOD,
-        stage2_checkpoint_period=s2.CHECKPOINT_PERIOD,
-        stage2_eval_period=s2.EVAL_PERIOD,
-        text_losses=tuple(s2.TEXT_LOSSES) if cfg.MODEL.METHOD != "baseline" else (),
+        output_dir=cfg.OUTPUT_DIR,
     )
 
 
@@ -82,7 +75,7 @@ def autocast(device: torch.device, amp_dtype: str) -> contextlib.AbstractContext
     """
     if device.type != "cuda" or amp_dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp_dtype])
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp_dtype])
 
 
 def make_grad_scaler(device: torch.device, amp_dtype: str) -> torch.amp.GradScaler:
@@ -99,23 +92,22 @@ def make_grad_scaler(device: torch.device, amp_dtype: str) -> torch.amp.GradScal
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
 
-def sie_labels(
-    batch: dict[str, Any], device: torch.device, use_camids: bool, use_viewids: bool
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Camera and view ids for the SIE embedding, or None when the model was built without it.
+def batch_ids(
+    batch: dict[str, Any], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pids, camera ids and view ids of a loader batch on ``device``.
+
+    Camera and view ids are always passed to the model, which uses them only when it was built
+    with the SIE embedding.
 
     Args:
-        batch: a loader batch (dict with 'camids' and 'viewids' int64 [B]).
+        batch: a loader batch (dict with 'pids', 'camids' and 'viewids' int64 [B]).
         device: target device.
-        use_camids: MODEL.SIE_CAMERA.
-        use_viewids: MODEL.SIE_VIEW.
 
     Returns:
-        (camids [B] or None, viewids [B] or None).
+        (pids [B], camids [B], viewids [B]).
     """
-    cams = batch["camids"].to(device, non_blocking=True) if use_camids else None
-    views = batch["viewids"].to(device, non_blocking=True) if use_viewids else None
-    return cams, views
+    return tuple(batch[k].to(device, non_blocking=True) for k in ("pids", "camids", "viewids"))
 
 
 def format_terms(terms: dict[str, float]) -> str:

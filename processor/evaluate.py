@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from processor.common import autocast, sie_labels
+from processor.common import autocast, batch_ids
 from utils.logger import progress
 from utils.metrics import EvalResult, evaluate_features
 from utils.reranking import RerankParams
@@ -24,8 +24,6 @@ class EvalSettings:
     max_rank: int
     memory_mb: int
     rerank: RerankParams | None
-    use_camids: bool
-    use_viewids: bool
     amp_dtype: str
 
 
@@ -33,7 +31,7 @@ def build_eval_settings(cfg) -> EvalSettings:
     """Collect the evaluation settings from a configuration.
 
     Args:
-        cfg: the run configuration (TEST.* and the SIE flags).
+        cfg: the run configuration (TEST.* and MODEL.AMP_DTYPE).
 
     Returns:
         A frozen :class:`EvalSettings`.
@@ -50,8 +48,6 @@ def build_eval_settings(cfg) -> EvalSettings:
         max_rank=cfg.TEST.MAX_RANK,
         memory_mb=cfg.TEST.EVAL_MEMORY_MB,
         rerank=rerank,
-        use_camids=cfg.MODEL.SIE_CAMERA,
-        use_viewids=cfg.MODEL.SIE_VIEW,
         amp_dtype=cfg.MODEL.AMP_DTYPE,
     )
 
@@ -69,7 +65,7 @@ def extract_features(
         model: the ReID model (``encode_image``).
         loader: yields dict batches (images, pids, camids, viewids, paths).
         device: where the model runs.
-        settings: evaluation settings (SIE flags, precision).
+        settings: evaluation settings (precision).
 
     Returns:
         (feats float32 [N, D] on ``device``, pids int64 [N], camids int64 [N], paths).
@@ -79,7 +75,7 @@ def extract_features(
     feats, pids, camids, paths = [], [], [], []
     for batch in progress(loader, total=len(loader), desc="features"):
         images = batch["images"].to(device, non_blocking=True)
-        cams, views = sie_labels(batch, device, settings.use_camids, settings.use_viewids)
+        _, cams, views = batch_ids(batch, device)
         with autocast(device, settings.amp_dtype):
             out = model.encode_image(images, camids=cams, viewids=views)
         feats.append(out.float())

@@ -5,16 +5,43 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from loss.build import stage1_loss
-from processor.common import TrainSettings, autocast, format_terms
+from processor.common import LoopSettings, autocast, format_terms
 from utils.logger import PeriodMeter, append_metrics, progress
 from utils.seed import epoch_seed
 
 logger = logging.getLogger(__name__)
+
+STAGE1_MODES = ("instance", "average")
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """What a stage-1 step does (built by :func:`build_prompt_settings`).
+
+    Attributes:
+        batch: cached features (instance mode) or IDs (average mode) per step.
+        mode: 'instance' (paper) or 'average' (per-ID mean features, supplementary Tab. 8).
+        temperature: logit temperature of the contrastive losses.
+    """
+
+    batch: int
+    mode: str
+    temperature: float
+
+
+def build_prompt_settings(cfg) -> PromptSettings:
+    """Read ``SOLVER.STAGE1.{IMS_PER_BATCH, MODE}`` and ``MODEL.TEMPERATURE``."""
+    return PromptSettings(
+        batch=cfg.SOLVER.STAGE1.IMS_PER_BATCH,
+        mode=cfg.SOLVER.STAGE1.MODE,
+        temperature=cfg.MODEL.TEMPERATURE,
+    )
 
 
 @torch.no_grad()
@@ -87,13 +114,43 @@ def _average_step(
     return {"i2t": i2t, "t2i": t2i}
 
 
+def _prompt_step(
+    model: torch.nn.Module,
+    feats: torch.Tensor,
+    pids: torch.Tensor,
+    prompt: PromptSettings,
+    device: torch.device,
+    amp_dtype: str,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]:
+    """The units an epoch shuffles (images, or IDs in average mode) and the step over a batch.
+
+    Returns:
+        (units int64 [U] on ``device``, step: batch of units -> loss terms).
+    """
+    if prompt.mode == "average":
+        num_classes = int(model.num_classes)
+        centroids = torch.zeros(num_classes, feats.shape[1], device=device)
+        centroids.index_add_(0, pids, feats)
+        counts = torch.bincount(pids, minlength=num_classes).clamp_min(1).unsqueeze(1)
+        centroids = centroids / counts
+        units = torch.arange(num_classes, device=device)
+        return units, lambda idx: _average_step(
+            model, centroids, idx, prompt.temperature, device, amp_dtype
+        )
+    units = torch.arange(len(feats), device=device)
+    return units, lambda idx: _instance_step(
+        model, feats[idx], pids[idx], prompt.temperature, device, amp_dtype
+    )
+
+
 def train_stage1(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
     scheduler,
     scaler: torch.amp.GradScaler,
-    settings: TrainSettings,
+    loop: LoopSettings,
+    prompt: PromptSettings,
     device: torch.device,
     start_epoch: int = 1,
     on_epoch_end: Callable[[int], None] | None = None,
@@ -106,36 +163,29 @@ def train_stage1(
         optimizer: over the prompt tokens.
         scheduler: epoch scheduler, stepped at the start of each epoch (official order).
         scaler: gradient scaler (disabled off CUDA-fp16).
-        settings: training settings.
+        loop: the stage's loop settings.
+        prompt: what a step does.
         device: where training runs.
         start_epoch: first epoch to run (after a resume).
         on_epoch_end: called with the finished epoch (checkpointing).
     """
-    if start_epoch > settings.stage1_epochs:
+    if start_epoch > loop.epochs:
         return
     t0 = time.perf_counter()
-    feats, pids = cache_image_features(model, loader, device, settings.amp_dtype)
-    num_classes = int(model.num_classes)
-    if settings.stage1_mode == "average":
-        centroids = torch.zeros(num_classes, feats.shape[1], device=device)
-        centroids.index_add_(0, pids, feats)
-        counts = torch.bincount(pids, minlength=num_classes).clamp_min(1).unsqueeze(1)
-        centroids = centroids / counts
-        units = torch.arange(num_classes, device=device)
-    else:
-        units = torch.arange(len(feats), device=device)
-    batch = settings.stage1_batch
+    feats, pids = cache_image_features(model, loader, device, loop.amp_dtype)
+    units, step = _prompt_step(model, feats, pids, prompt, device, loop.amp_dtype)
+    batch = prompt.batch
     logger.info(
         "[stage1] cached %d image features %s in %.1fs; mode %s",
         len(feats),
         tuple(feats.shape),
         time.perf_counter() - t0,
-        settings.stage1_mode,
+        prompt.mode,
     )
     model.train()
-    for epoch in range(start_epoch, settings.stage1_epochs + 1):
+    for epoch in range(start_epoch, loop.epochs + 1):
         scheduler.step(epoch)
-        gen = torch.Generator().manual_seed(epoch_seed(settings.seed, 1, epoch))
+        gen = torch.Generator().manual_seed(epoch_seed(loop.seed, 1, epoch))
         order = units[torch.randperm(len(units), generator=gen).to(device)]
         # ceil division: the last batch holds the remainder and is never empty.
         num_iters = (len(order) + batch - 1) // batch
@@ -144,14 +194,7 @@ def train_stage1(
         for it in range(num_iters):
             idx = order[it * batch : (it + 1) * batch]
             optimizer.zero_grad(set_to_none=True)
-            if settings.stage1_mode == "average":
-                terms = _average_step(
-                    model, centroids, idx, settings.temperature, device, settings.amp_dtype
-                )
-            else:
-                terms = _instance_step(
-                    model, feats[idx], pids[idx], settings.temperature, device, settings.amp_dtype
-                )
+            terms = step(idx)
             loss = sum(terms.values())
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -159,22 +202,17 @@ def train_stage1(
             values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
             meter.update(values, images=len(idx))
             epoch_meter.update(values, images=len(idx))
-            if (it + 1) % settings.stage1_log_period == 0 or it + 1 == num_iters:
+            if (it + 1) % loop.log_period == 0 or it + 1 == num_iters:
                 means = meter.means()
+                lr = optimizer.param_groups[0]["lr"]
                 logger.info(
                     "[stage1] ep %d/%d it %d/%d loss %.3f %s lr %.2e %.0f feat/s",
-                    epoch,
-                    settings.stage1_epochs,
-                    it + 1,
-                    num_iters,
-                    means.pop("loss"),
-                    format_terms(means),
-                    optimizer.param_groups[0]["lr"],
-                    meter.rate(),
+                    *(epoch, loop.epochs, it + 1, num_iters, means.pop("loss")),
+                    *(format_terms(means), lr, meter.rate()),
                 )
                 meter.reset()
         append_metrics(
-            settings.output_dir,
+            loop.output_dir,
             {
                 "stage": 1,
                 "epoch": epoch,

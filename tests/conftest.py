@@ -13,3 +13,56 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 OFFICIAL_CONFIGS = os.path.join(os.path.dirname(ROOT), "shared", "reference", "official_configs")
+
+
+def tiny_run_opts(root, out, s1=2, s2=2, extra=()):
+    """Command-line overrides of a tiny end-to-end run (tiny ViT, 12 synthetic IDs, CPU).
+
+    Args:
+        root: DATASETS.ROOT_DIR (the synthetic set is generated there on first use).
+        out: OUTPUT_DIR.
+        s1: stage-1 epochs.
+        s2: stage-2 epochs.
+        extra: more ``KEY VALUE`` pairs, appended last (they win).
+
+    Returns:
+        The flat ``[KEY, VALUE, ...]`` list for ``load_cfg`` or ``train_clipreid.main``.
+    """
+    return [
+        "MODEL.DEVICE", "cpu",
+        "MODEL.NAME", "ViT-T-16-test",
+        "MODEL.PRETRAIN_TAG", "none",
+        "INPUT.SIZE_TRAIN", "[64, 32]",
+        "INPUT.SIZE_TEST", "[64, 32]",
+        "INPUT.PADDING", "4",
+        "DATASETS.NAMES", "synthetic",
+        "DATASETS.ROOT_DIR", str(root),
+        "DATASETS.SYNTHETIC.NUM_IDS", "12",
+        "DATASETS.SYNTHETIC.NUM_CAMERAS", "2",
+        "DATASETS.SYNTHETIC.IMAGES_PER_ID_CAM", "2",
+        "DATASETS.SYNTHETIC.SIZE", "[64, 32]",
+        "DATALOADER.NUM_WORKERS", "0",
+        "SOLVER.STAGE1.IMS_PER_BATCH", "16",
+        "SOLVER.STAGE1.MAX_EPOCHS", str(s1),
+        "SOLVER.STAGE1.WARMUP_EPOCHS", "1",
+        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1",
+        "SOLVER.STAGE2.IMS_PER_BATCH", "8",
+        "SOLVER.STAGE2.BASE_LR", "1e-3",
+        "SOLVER.STAGE2.MAX_EPOCHS", str(s2),
+        "SOLVER.STAGE2.WARMUP_ITERS", "1",
+        "SOLVER.STAGE2.STEPS", "[100]",
+        "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1",
+        "SOLVER.STAGE2.EVAL_PERIOD", "100",
+        "TEST.IMS_PER_BATCH", "32",
+        "OUTPUT_DIR", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def last_eval(out):
+    """The last evaluation record of a run's ``metrics.jsonl``."""
+    import json
+
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r["eval"] for r in records if "eval" in r][-1]

@@ -7,8 +7,15 @@ import os
 import pytest
 import yaml
 
-from configs.config import ConfigError, _flatten, _to_dict, load_cfg, save_cfg
-from configs.defaults import CHOICES, LEGACY_KEYS, get_cfg_defaults
+from configs.config import (
+    ConfigError,
+    _flatten,
+    _to_dict,
+    config_choices,
+    load_cfg,
+    save_cfg,
+)
+from configs.defaults import LEGACY_KEYS, get_cfg_defaults
 from tests.conftest import OFFICIAL_CONFIGS
 
 OFFICIAL = sorted(glob.glob(os.path.join(OFFICIAL_CONFIGS, "*", "*.yml")))
@@ -85,7 +92,7 @@ def test_invalid_choice_lists_valid_values():
     with pytest.raises(ConfigError) as err:
         load_cfg(None, ["MODEL.NAME", "resnet50"])
     msg = str(err.value)
-    for name in CHOICES["MODEL.NAME"]:
+    for name in config_choices()["MODEL.NAME"]:
         assert name in msg
 
 
@@ -140,3 +147,25 @@ def test_base_inheritance(tmp_path):
     (tmp_path / "loop.yml").write_text("_BASE_: loop.yml\n")
     with pytest.raises(ConfigError, match="loops"):
         load_cfg(str(tmp_path / "loop.yml"))
+
+
+def test_registered_names_become_valid_config_values():
+    """Components own their vocabulary: a newly registered arch or method loads in a config."""
+    import dataclasses
+
+    from model.clip.arch import ARCHS, get_arch, register_arch
+    from processor.recipes import RECIPES, Recipe, register_recipe
+
+    with pytest.raises(ConfigError, match="MODEL.NAME"):
+        load_cfg(None, ["MODEL.NAME", "ViT-T-16-mine"])
+    with pytest.raises(ConfigError, match="MODEL.METHOD"):
+        load_cfg(None, ["MODEL.METHOD", "my_method"])
+    register_arch(dataclasses.replace(get_arch("ViT-T-16-test"), name="ViT-T-16-mine"))
+    register_recipe("my_method")(type("MyRecipe", (Recipe,), {}))
+    try:
+        cfg = load_cfg(None, ["MODEL.NAME", "ViT-T-16-mine", "MODEL.METHOD", "my_method"])
+        assert (cfg.MODEL.NAME, cfg.MODEL.METHOD) == ("ViT-T-16-mine", "my_method")
+        assert "my_method" in config_choices()["MODEL.METHOD"]
+    finally:
+        ARCHS.remove("ViT-T-16-mine")
+        RECIPES.remove("my_method")

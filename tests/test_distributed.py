@@ -10,7 +10,7 @@ import torch
 
 from configs.config import load_cfg
 from datasets.build import build_datasets
-from tests.test_train_e2e import _opts
+from tests.conftest import tiny_run_opts as _opts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -204,7 +204,8 @@ def test_vit_encoder_keeps_openai_names():
 @pytest.mark.parametrize(("name", "dim"), [("ViT-B-16", 1280), ("RN50", 3072)])
 def test_full_size_eval_width_from_spec_and_meta_forward(name, dim):
     arch = get_arch(name)
-    assert arch.eval_dim == dim
+    dims = arch.feature_dims()
+    assert dims.final + dims.proj == dim
     with torch.device("meta"):
         clip_model = create_clip(arch)
     model = ReIDModel(clip_model, arch, 751, (256, 128), num_cameras=6, sie_camera=True).eval()
@@ -238,7 +239,7 @@ def test_tiny_variant_outputs_match_spec(name):
     assert out.proj is out.feats[2]
     model.eval()
     with torch.no_grad():
-        assert model(x).shape == (4, get_arch(name).eval_dim) == (4, model.feat_dim)
+        assert model(x).shape == (4, dims.final + dims.proj) == (4, model.feat_dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,7 +408,7 @@ def test_text_pooling_uses_eot_position():
 # Training stages and the baseline.
 def test_set_trainable_stage1_only_prompt_tokens():
     model = _model()
-    assert model.set_trainable(1) == ["prompt_learner.cls_ctx"]
+    assert model.set_trainable("prompts") == ["prompt_learner.cls_ctx"]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["prompt_learner.cls_ctx"]
     model.encode_text(torch.tensor([0, 1, 1])).pow(2).sum().backward()
@@ -417,7 +418,7 @@ def test_set_trainable_stage1_only_prompt_tokens():
 
 def test_set_trainable_stage2_excludes_text_side():
     model = _model(MODEL__SIE_CAMERA=True)
-    names = set(model.set_trainable(2))
+    names = set(model.set_trainable("image"))
     expected = {
         n
         for n, _ in model.named_parameters()
@@ -427,7 +428,7 @@ def test_set_trainable_stage2_excludes_text_side():
     assert names == expected
     assert {"image_encoder.conv1.weight", "cv_embed", "classifier.weight"} <= names
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
-    assert set(model.set_trainable(0)) == expected | {"prompt_learner.cls_ctx"}
+    assert set(model.set_trainable("image+prompts")) == expected | {"prompt_learner.cls_ctx"}
 
 
 def test_baseline_has_no_text_side():
@@ -437,14 +438,14 @@ def test_baseline_has_no_text_side():
     with pytest.raises(RuntimeError, match="baseline"):
         model.encode_text(torch.tensor([0]))
     with pytest.raises(ValueError, match="text side"):
-        model.set_trainable(1)
-    assert "classifier.weight" in model.set_trainable(2)
+        model.set_trainable("prompts")
+    assert "classifier.weight" in model.set_trainable("image")
 
 
 def test_tiny_vit_is_trainable():
     """A few Adam steps on a fixed batch lower the ID loss (the demo trains this variant)."""
     model = _model(num_classes=4)
-    model.set_trainable(2)
+    model.set_trainable("image")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x, y = torch.randn(8, 3, 256, 128), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
     losses = []

@@ -13,13 +13,14 @@ import processor.train as train_mod
 import test_clipreid
 import train_clipreid
 from configs.config import ConfigError, load_cfg
-from loss import PCLLoss, build_loss, hard_centroid_update, pcl_loss, pid_centroids
+from loss import PCLLoss, build_pcl_loss, hard_centroid_update, pcl_loss, pid_centroids
 from model import build_model, get_arch
 from model.checkpoint import CheckpointMismatchError, load_reid_checkpoint
+from processor.recipes import PCLCLIP, RECIPES, register_recipe
 from solver.optimizer import build_optimizer
 from tests.clip_fixtures import make_cfg
 from tests.conftest import ROOT
-from tests.test_train_e2e import _opts
+from tests.conftest import tiny_run_opts as _opts
 
 PCL = ["MODEL.METHOD", "pcl", "MODEL.FREEZE_PATCH_EMBED", "True"]
 
@@ -118,7 +119,7 @@ def test_pid_centroids_match_brute_force_mean():
 
 def test_built_pcl_loss_terms_and_memory():
     cfg = load_cfg(None, ["MODEL.METHOD", "pcl", "MODEL.ID_LOSS_WEIGHT", "0.5"], freeze=False)
-    criterion = build_loss(cfg, num_classes=3)
+    criterion = build_pcl_loss(cfg, num_classes=3)
     assert isinstance(criterion, PCLLoss)
     assert (criterion.temperature, criterion.momentum) == (0.05, 0.2)
     g = torch.Generator().manual_seed(3)
@@ -136,7 +137,7 @@ def test_built_pcl_loss_terms_and_memory():
     criterion.update_memory(out, pids)
     torch.testing.assert_close(criterion.centroids, hard_centroid_update(bank, emb, pids, 0.2))
     cfg.MODEL.ID_LOSS_WEIGHT = 0.0
-    no_id = build_loss(cfg, num_classes=3)
+    no_id = build_pcl_loss(cfg, num_classes=3)
     no_id.build_memory(torch.randn(3, 8, generator=g), torch.tensor([0, 1, 2]))
     assert set(no_id(out, pids)) == {"pcl"}
 
@@ -191,7 +192,7 @@ def test_pcl_head_one_classifier_on_the_post_bn_concatenation():
 
 def test_frozen_patch_embedding_does_not_move():
     model = _pcl_model(MODEL__FREEZE_PATCH_EMBED=True)
-    model.set_trainable(2)
+    model.set_trainable("image")
     assert not model.image_encoder.conv1.weight.requires_grad
     cfg = make_cfg(SOLVER__STAGE2__OPTIMIZER_NAME="SGD", SOLVER__STAGE2__BASE_LR=0.1)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -209,7 +210,7 @@ def test_frozen_patch_embedding_does_not_move():
     )
     # Control: without the key the patch embedding trains.
     free = _pcl_model()
-    free.set_trainable(2)
+    free.set_trainable("image")
     assert free.image_encoder.conv1.weight.requires_grad
     with pytest.raises(ValueError, match="FREEZE_PATCH_EMBED"):
         _pcl_model("RN-T-test", MODEL__FREEZE_PATCH_EMBED=True)
@@ -239,20 +240,34 @@ def _records(out):
         return [json.loads(line) for line in f]
 
 
-def test_pcl_trains_end_to_end_and_rebuilds_the_bank_every_epoch(tmp_path, monkeypatch):
-    banks = []
-    real = train_mod.rebuild_memory_bank
+class _SpyPCL(PCLCLIP):
+    """PCL-CLIP that keeps a copy of the memory bank it builds at the start of each epoch."""
 
-    def spy(model, loader, criterion, device, settings):
-        # The train set (6 ids x 2 cameras x 2 images) in order, i.e. DataBundle.train_eval.
-        assert len(loader.dataset) == 24
-        assert isinstance(loader.sampler, torch.utils.data.SequentialSampler)
-        banks.append(real(model, loader, criterion, device, settings).clone())
-        return banks[-1]
+    banks: list = []
 
-    monkeypatch.setattr(train_mod, "rebuild_memory_bank", spy)
+    def start_epoch(self, epoch):
+        # The bank comes from the train set (6 ids x 2 cameras x 2 images) in order.
+        assert len(self.data.train_eval.dataset) == 24
+        assert isinstance(self.data.train_eval.sampler, torch.utils.data.SequentialSampler)
+        replaced = super().start_epoch(epoch)
+        self.banks.append(self.criterion.centroids.clone())
+        return replaced
+
+
+@pytest.fixture
+def spy_pcl():
+    """``MODEL.METHOD pcl_spy``: the PCL recipe with :class:`_SpyPCL`'s bank record."""
+    _SpyPCL.banks = []
+    register_recipe("pcl_spy")(_SpyPCL)
+    yield _SpyPCL.banks
+    RECIPES.remove("pcl_spy")
+
+
+def test_pcl_trains_end_to_end_and_rebuilds_the_bank_every_epoch(tmp_path, spy_pcl):
+    banks = spy_pcl
     out = tmp_path / "run"
-    summary = train_clipreid.main(_opts(tmp_path / "data", out, s2=3, extra=PCL))
+    extra = [*PCL, "MODEL.METHOD", "pcl_spy"]
+    summary = train_clipreid.main(_opts(tmp_path / "data", out, s2=3, extra=extra))
     records = _records(out)
     assert [r["epoch"] for r in records if "memory_bank" in r] == [1, 2, 3]
     train_rows = [r for r in records if "loss" in r]
@@ -319,7 +334,7 @@ def test_checkpoint_of_the_other_head_names_the_method_to_set():
 def test_pcl_with_camera_sie_trains_the_sie_table(tmp_path):
     """The official PCL-CLIP SIE path never ran (undefined variables); here SIE gets gradients."""
     model = _pcl_model(MODEL__SIE_CAMERA=True, MODEL__SIE_COE=1.0)
-    model.set_trainable(2)
+    model.set_trainable("image")
     model.train()
     criterion = PCLLoss(1.0, 0.25, 0.05, 0.2, 0.1, num_classes=5)
     feats = torch.nn.functional.normalize(torch.randn(5, model.feat_dim), dim=1)

@@ -12,8 +12,9 @@ import datasets.build as build_mod
 import train_clipreid
 from configs.config import ConfigError, load_cfg
 from datasets.build import build_dataloaders
-from processor.stage2 import ClusterSettings, cluster_pseudo_labels
-from tests.test_train_e2e import _last_eval, _opts
+from processor.memory import ClusterSettings, cluster_pseudo_labels
+from tests.conftest import last_eval as _last_eval
+from tests.conftest import tiny_run_opts as _opts
 from utils.reranking import jaccard_distance_sparse
 
 

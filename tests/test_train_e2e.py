@@ -12,54 +12,17 @@ import test_clipreid
 import train_clipreid
 from configs.config import load_cfg
 from datasets.build import build_dataloaders
-from loss.build import build_loss
 from model.build import build_model
-from processor.common import build_train_settings, make_grad_scaler
+from processor.common import build_loop_settings, make_grad_scaler
+from processor.recipes import get_recipe
 from processor.stage1 import train_stage1
 from processor.stage2 import train_stage2
-from solver.optimizer import build_optimizer
 from solver.scheduler import build_scheduler
 from tests.conftest import OFFICIAL_CONFIGS
+from tests.conftest import last_eval as _last_eval
+from tests.conftest import tiny_run_opts as _opts
 
 CPU = torch.device("cpu")
-
-
-def _opts(root, out, s1=2, s2=2, extra=()):
-    return [
-        "MODEL.DEVICE", "cpu",
-        "MODEL.NAME", "ViT-T-16-test",
-        "MODEL.PRETRAIN_TAG", "none",
-        "INPUT.SIZE_TRAIN", "[64, 32]",
-        "INPUT.SIZE_TEST", "[64, 32]",
-        "INPUT.PADDING", "4",
-        "DATASETS.NAMES", "synthetic",
-        "DATASETS.ROOT_DIR", str(root),
-        "DATASETS.SYNTHETIC.NUM_IDS", "12",
-        "DATASETS.SYNTHETIC.NUM_CAMERAS", "2",
-        "DATASETS.SYNTHETIC.IMAGES_PER_ID_CAM", "2",
-        "DATASETS.SYNTHETIC.SIZE", "[64, 32]",
-        "DATALOADER.NUM_WORKERS", "0",
-        "SOLVER.STAGE1.IMS_PER_BATCH", "16",
-        "SOLVER.STAGE1.MAX_EPOCHS", str(s1),
-        "SOLVER.STAGE1.WARMUP_EPOCHS", "1",
-        "SOLVER.STAGE1.CHECKPOINT_PERIOD", "1",
-        "SOLVER.STAGE2.IMS_PER_BATCH", "8",
-        "SOLVER.STAGE2.BASE_LR", "1e-3",
-        "SOLVER.STAGE2.MAX_EPOCHS", str(s2),
-        "SOLVER.STAGE2.WARMUP_ITERS", "1",
-        "SOLVER.STAGE2.STEPS", "[100]",
-        "SOLVER.STAGE2.CHECKPOINT_PERIOD", "1",
-        "SOLVER.STAGE2.EVAL_PERIOD", "100",
-        "TEST.IMS_PER_BATCH", "32",
-        "OUTPUT_DIR", str(out),
-        *extra,
-    ]  # fmt: skip
-
-
-def _last_eval(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    return [r["eval"] for r in records if "eval" in r][-1]
 
 
 def test_train_then_test_reproduces_logged_metrics(tmp_path):
@@ -113,7 +76,7 @@ def _setup(tmp_path, extra=()):
     cfg = load_cfg(None, _opts(tmp_path / "data", tmp_path / "out", s1=1, s2=1, extra=extra))
     data = build_dataloaders(cfg)
     model = build_model(cfg, data.num_classes, data.num_cameras, data.num_views)
-    return cfg, data, model
+    return cfg, data, model, get_recipe(cfg.MODEL.METHOD)(cfg, model, data, CPU)
 
 
 def _changed(before, after):
@@ -121,29 +84,24 @@ def _changed(before, after):
 
 
 def test_one_stage1_epoch_changes_only_the_prompt_tokens(tmp_path):
-    cfg, data, model = _setup(tmp_path)
-    model.set_trainable(1)
+    cfg, data, model, recipe = _setup(tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params, stage=1)
+    opt = recipe.build_optimizer(cfg, stage=1)
     train_stage1(
         model, data.train_stage1, opt, build_scheduler(cfg, opt, stage=1),
-        make_grad_scaler(CPU, "fp32"), build_train_settings(cfg), CPU,
+        make_grad_scaler(CPU, "fp32"), build_loop_settings(cfg, 1), recipe.prompt, CPU,
     )  # fmt: skip
     assert _changed(before, model.state_dict()) == {"prompt_learner.cls_ctx"}
     assert all(p.grad is None for n, p in model.named_parameters() if "text_encoder" in n)
 
 
 def test_one_stage2_epoch_leaves_the_text_side_unchanged(tmp_path):
-    cfg, data, model = _setup(tmp_path)
-    model.set_trainable(2)
+    cfg, data, model, recipe = _setup(tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params, stage=2)
+    opt = recipe.build_optimizer(cfg, stage=2)
     train_stage2(
-        model, data.train_stage2, build_loss(cfg, data.num_classes), opt,
-        build_scheduler(cfg, opt, stage=2), make_grad_scaler(CPU, "fp32"),
-        build_train_settings(cfg), CPU,
+        recipe, data.train_stage2, opt, build_scheduler(cfg, opt, stage=2),
+        make_grad_scaler(CPU, "fp32"), build_loop_settings(cfg, 2),
     )  # fmt: skip
     changed = _changed(before, model.state_dict())
     assert not {k for k in changed if k.startswith(("text_encoder.", "prompt_learner."))}

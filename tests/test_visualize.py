@@ -10,7 +10,7 @@ from PIL import Image
 import test_clipreid
 import train_clipreid
 from processor.visualize import rank_topk, select_queries, write_ranked_lists
-from tests.test_train_e2e import _opts
+from tests.conftest import tiny_run_opts as _opts
 from utils.metrics import evaluate_features
 from utils.visualize import GAP, LABEL_H
 

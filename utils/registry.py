@@ -16,8 +16,12 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """A name that its registry does not hold; the message names the key and the valid names."""
+class UnknownNameError(KeyError, ValueError):
+    """A name that its registry does not hold; the message names the key and the valid names.
+
+    A ``KeyError`` (a failed lookup) and a ``ValueError`` (an invalid config value), so code that
+    catches either sees it.
+    """
 
     def __str__(self) -> str:  # KeyError quotes its argument; show the message as written
         return str(self.args[0])
@@ -70,6 +74,10 @@ class Registry(Generic[T]):
             raise ValueError(f"{self.what} {name!r} is already registered for {self.key}")
         self._items[name] = obj
         return obj
+
+    def remove(self, name: str) -> T:
+        """Take ``name`` out of the registry (e.g. a test's temporary entry) and return it."""
+        return self._items.pop(name)
 
     def decorator(self, name: str) -> Callable[[T], T]:
         """``@registry.decorator('name')`` registers the decorated class or function."""

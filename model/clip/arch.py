@@ -12,12 +12,13 @@ the real ones, but they are narrow and shallow enough to build in well under a s
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import open_clip
 from torch import nn
+
+from utils.registry import Registry
 
 __all__ = [
     "CLIPArch",
@@ -84,11 +85,6 @@ class CLIPArch:
         """``'resnet'`` for ModifiedResNet vision towers, ``'vit'`` otherwise."""
         return "resnet" if isinstance(self.vision_layers, tuple) else "vit"
 
-    @property
-    def sie_dim(self) -> int:
-        """Width of one SIE vector: the ViT width, or the ResNet attention-pool input width."""
-        return self.vision_width if self.kind == "vit" else self.vision_width * 32
-
     def feature_dims(self) -> FeatureDims:
         """Widths of ``f_last``, ``f`` and ``f_proj`` computed from the spec.
 
@@ -99,12 +95,6 @@ class CLIPArch:
             return FeatureDims(self.vision_width, self.vision_width, self.embed_dim)
         # ResNet: layer3 has 4 * (4 * width) channels, layer4 8 * (4 * width) (bottleneck x4).
         return FeatureDims(self.vision_width * 16, self.vision_width * 32, self.embed_dim)
-
-    @property
-    def eval_dim(self) -> int:
-        """Width of the evaluation feature cat(f, f_proj): 1280 for ViT-B-16, 3072 for RN50."""
-        dims = self.feature_dims()
-        return dims.final + dims.proj
 
     def open_clip_config(self) -> dict:
         """open_clip model config (the JSON layout of ``open_clip/model_configs``).
@@ -133,11 +123,13 @@ class CLIPArch:
         }
 
 
-_ARCHS: dict[str, CLIPArch] = {}
+ARCHS: Registry[CLIPArch] = Registry("MODEL.NAME", "architecture")
 
 
 def register_arch(arch: CLIPArch) -> CLIPArch:
     """Add an architecture to the registry (a later registration under the same name wins).
+
+    A registered name is a valid ``MODEL.NAME`` in every config loaded afterwards.
 
     Args:
         arch: the spec to register.
@@ -145,13 +137,12 @@ def register_arch(arch: CLIPArch) -> CLIPArch:
     Returns:
         The same spec, so the call can be used as an expression.
     """
-    _ARCHS[arch.name] = arch
-    return arch
+    return ARCHS.register(arch.name, arch, overwrite=True)
 
 
 def list_archs() -> list[str]:
     """Names of the registered architectures, in registration order."""
-    return list(_ARCHS)
+    return ARCHS.names()
 
 
 def get_arch(name: str) -> CLIPArch:
@@ -164,13 +155,10 @@ def get_arch(name: str) -> CLIPArch:
         The ``CLIPArch`` spec.
 
     Raises:
-        ValueError: unknown name; the message lists the valid names and the closest ones.
+        UnknownNameError: unknown name (also a ``ValueError``); the message lists the valid
+            names and the closest one.
     """
-    if name not in _ARCHS:
-        close = difflib.get_close_matches(name, list(_ARCHS), n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"Unknown MODEL.NAME {name!r}. Valid names: {', '.join(_ARCHS)}.{hint}")
-    return _ARCHS[name]
+    return ARCHS.get(name)
 
 
 def create_clip(arch: CLIPArch, quick_gelu: bool = True) -> nn.Module:
