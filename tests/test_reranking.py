@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from configs.defaults import get_cfg_defaults
+from processor.evaluate import build_eval_settings
 from utils.metrics import eval_func, evaluate_features
 from utils.reranking import RerankParams, k_reciprocal_rerank_chunks, re_ranking
 
@@ -93,8 +95,19 @@ def test_official_signature_defaults_and_numpy_input():
     qf, gf, _, _ = clustered_features(seed=11)
     expected = textbook_re_ranking(qf.numpy(), gf.numpy(), 20, 6, 0.3)
     np.testing.assert_allclose(re_ranking(qf.numpy(), gf.numpy()), expected, atol=2e-5)
-    params = RerankParams()
-    assert (params.k1, params.k2, params.lambda_value) == (20, 6, 0.3)
+
+
+def test_rerank_params_come_from_the_config_only():
+    # No second copy of the values: RerankParams has no defaults, the evaluation settings are
+    # built from TEST.RE_RANKING_K1/K2/LAMBDA.
+    with pytest.raises(TypeError):
+        RerankParams()
+    cfg = get_cfg_defaults()
+    cfg.TEST.RE_RANKING = True
+    cfg.TEST.RE_RANKING_K1, cfg.TEST.RE_RANKING_K2, cfg.TEST.RE_RANKING_LAMBDA = 31, 7, 0.25
+    assert build_eval_settings(cfg).rerank == RerankParams(31, 7, 0.25)
+    defaults = build_eval_settings(get_cfg_defaults()).rerank
+    assert defaults is None  # TEST.RE_RANKING False
 
 
 def test_block_size_does_not_change_the_result():
@@ -147,7 +160,7 @@ def test_two_thirds_rule_in_integers_matches_float_rule():
 @pytest.mark.parametrize("kwargs", [{"k1": 0}, {"k2": 0}, {"lambda_value": 1.5}])
 def test_invalid_parameters(kwargs):
     with pytest.raises(ValueError):
-        RerankParams(**kwargs)
+        RerankParams(**{"k1": 20, "k2": 6, "lambda_value": 0.3, **kwargs})
 
 
 @pytest.mark.gpu

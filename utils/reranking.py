@@ -48,8 +48,10 @@ _STORED_NEIGHBOURS = 2
 class RerankParams:
     """k-reciprocal re-ranking parameters.
 
-    The defaults are the original paper values (also the official ``re_ranking`` defaults); the
-    official training processor calls it with k1=50, k2=15, lambda=0.3.
+    No defaults: the values live in one place, the config (``TEST.RE_RANKING_K1/K2/LAMBDA``:
+    50, 15, 0.3, the official training processor's), and ``build_eval_settings`` builds this
+    from it; code outside the config names its values. (The official ``re_ranking`` function
+    keeps its paper defaults 20, 6, 0.3 for compatibility.)
 
     Attributes:
         k1: size of the k-reciprocal neighbourhood.
@@ -57,9 +59,9 @@ class RerankParams:
         lambda_value: weight of the original distance in the final distance.
     """
 
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
+    k1: int
+    k2: int
+    lambda_value: float
 
     def __post_init__(self) -> None:
         _check_params(self.k1, self.k2, self.lambda_value)
@@ -326,9 +328,9 @@ def _gallery_columns(v: _SparseRows, num_q: int, n: int) -> _SparseRows:
 def k_reciprocal_rerank_chunks(
     qf: torch.Tensor,
     gf: torch.Tensor,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    k1: int,
+    k2: int,
+    lambda_value: float,
     *,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = True,
