@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.metrics import ArrayLike, distance_chunks, evaluate_features
+from utils.distance import distance_chunks
+from utils.metrics import ArrayLike, evaluate_features
 from utils.visualize import MATCH_BORDER, MISMATCH_BORDER, render_ranking
 
 logger = logging.getLogger(__name__)

@@ -140,6 +140,31 @@ def test_evaluator_with_rerank_equals_dense_path():
     assert result.mAP != pytest.approx(plain.mAP, abs=1e-9)  # re-ranking did change the ranking
 
 
+def test_evaluator_topk_lists_follow_the_reranked_distances():
+    qf, gf, q_pids, g_pids = clustered_features(seed=15, num_q=12, num_g=50)
+    rng = np.random.default_rng(15)
+    q_camids, g_camids = rng.integers(0, 3, len(q_pids)), rng.integers(0, 3, len(g_pids))
+    dense = re_ranking(F.normalize(qf, dim=1), F.normalize(gf, dim=1), 10, 4, 0.3)
+    k = 6
+    result = evaluate_features(
+        qf,
+        gf,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        keep_topk=k,
+        rerank=RerankParams(10, 4, 0.3),
+        show_progress=False,
+    )
+    for qi in range(len(q_pids)):
+        keep = ~((g_pids == q_pids[qi]) & (g_camids == q_camids[qi]))
+        cols = np.flatnonzero(keep)
+        order = cols[np.argsort(dense[qi, cols], kind="stable")][:k]
+        np.testing.assert_array_equal(result.topk_indices[qi], order)
+        np.testing.assert_allclose(result.topk_distances[qi], dense[qi, order], atol=1e-6)
+
+
 def test_jaccard_identity_for_rows_summing_to_one():
     # With rows summing to 1, sum(max) = 2 - sum(min), so 1 - s / (2 - s) is the Jaccard distance.
     rng = np.random.default_rng(0)
