@@ -56,8 +56,8 @@ from processor.evaluate import build_eval_settings, extract_features  # noqa: E4
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.dist import resolve_device  # noqa: E402
 from utils.distance import DEFAULT_MEMORY_BUDGET_MB, chunked_topk  # noqa: E402
+from utils.drawing import GAP, LABEL_H, render_ranking  # noqa: E402, F401 (layout re-exported)
 from utils.logger import progress, setup_logger  # noqa: E402
-from utils.visualize import GAP, LABEL_H, render_ranking  # noqa: E402, F401 (layout re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def compute_features(
         collate_fn=collate_batch,
     )
     try:
-        feats, _, _, _ = extract_features(model, loader, device, build_eval_settings(cfg))
+        feats = extract_features(model, loader, device, build_eval_settings(cfg)).feats
     except CorruptImageError as err:
         raise SearchError(str(err).split(" Set DATASETS")[0]) from err
     feats = feats.float().cpu()
