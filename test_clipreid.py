@@ -21,8 +21,14 @@ from collections.abc import Sequence
 from datasets.build import build_dataloaders
 from model.build import build_model
 from model.checkpoint import load_reid_checkpoint
-from processor.evaluate import build_eval_settings, evaluate_bundle, extract_features, log_results
-from processor.visualize import write_ranked_lists
+from processor.evaluate import (
+    build_eval_settings,
+    evaluate_trials,
+    extract_features,
+    log_results,
+    summarize_trials,
+)
+from processor.ranked_lists import write_ranked_lists
 from utils.cli import parse_and_setup
 
 logger = logging.getLogger(__name__)
@@ -50,13 +56,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model.to(device)
     settings = build_eval_settings(cfg)
     features = extract_features(model, data.val, device, settings)
-    summary = evaluate_bundle(model, data, settings, device, features=features)
+    # The ranked lists reuse the evaluation's per-query results (AP, top-k): no second pass.
+    keep_topk = cfg.TEST.VISUALIZE_TOPK if cfg.TEST.VISUALIZE > 0 else 0
+    results = evaluate_trials(features, data, settings, keep_topk=keep_topk)
+    summary = summarize_trials(results)
     log_results(summary, f"Test results of {cfg.TEST.WEIGHT}")
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "test_metrics.json"), "w", encoding="utf-8") as f:
         json.dump({"weight": cfg.TEST.WEIGHT, **summary}, f, indent=2)
     if cfg.TEST.VISUALIZE > 0:
-        _write_ranked_lists(cfg, data, features)
+        _write_ranked_lists(cfg, data, features, results[0], settings)
     print(f"mAP: {100 * summary['mAP']:.1f}%")
     print(f"mINP: {100 * summary['mINP']:.1f}%")
     for k in (1, 5, 10):
@@ -64,30 +73,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     return summary
 
 
-def _write_ranked_lists(cfg, data, features) -> None:
+def _write_ranked_lists(cfg, data, features, result, settings) -> None:
     """Draw the lowest-AP queries of the standard query/gallery split (trial 0 for VehicleID)."""
-    feats, pids, camids, paths = features
-    nq = data.num_query
     if int(getattr(data, "num_trials", 1)) > 1:
         logger.info("ranked lists: VehicleID trial 0 (the first gallery draw) only")
     if cfg.TEST.RE_RANKING:
-        logger.info("ranked lists use plain distances: re-ranking is not applied to them")
+        logger.info("ranked lists show the re-ranked distances the metrics were computed on")
     write_ranked_lists(
-        feats[:nq],
-        feats[nq:],
-        pids[:nq],
-        pids[nq:],
-        camids[:nq],
-        camids[nq:],
-        paths[:nq],
-        paths[nq:],
+        features.query(data.num_query),
+        features.gallery(data.num_query),
+        result,
         os.path.join(cfg.OUTPUT_DIR, "ranked_lists"),
-        topk=cfg.TEST.VISUALIZE_TOPK,
+        settings,
         num_queries=cfg.TEST.VISUALIZE,
         select="worst",
-        feat_norm=cfg.TEST.FEAT_NORM,
         tile_size=tuple(cfg.INPUT.SIZE_TEST),
-        memory_budget_mb=cfg.TEST.EVAL_MEMORY_MB,
     )
 
 

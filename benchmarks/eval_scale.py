@@ -42,12 +42,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.metrics import (  # noqa: E402
-    default_chunk_rows,
+from utils.distance import (  # noqa: E402
+    DEFAULT_MEMORY_BUDGET_MB,
     distance_chunks,
-    eval_func,
-    evaluate_features,
+    squared_euclidean_distance,
 )
+from utils.metrics import block_rows, eval_func, evaluate_features  # noqa: E402
 from utils.reranking import RerankParams  # noqa: E402
 
 # name: (queries, gallery, identities in query and gallery, gallery-only distractor ids, cameras)
@@ -216,7 +216,7 @@ def _run_once(variant, qf, gf, q_pids, g_pids, q_camids, g_camids, memory_mb, re
     if variant == "floor":
         q, g = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         checksum = 0.0
-        for block in distance_chunks(q, g, default_chunk_rows(len(g), memory_mb)):
+        for block in distance_chunks(q, g, block_rows(len(g), memory_mb)):
             checksum += float(block[0, 0])  # touch each block
         return {"checksum": checksum}
     if variant in ("ours", "ours_rerank"):
@@ -233,8 +233,7 @@ def _run_once(variant, qf, gf, q_pids, g_pids, q_camids, g_camids, memory_mb, re
         return {"mAP": result.mAP, "rank1": result.rank(1), "mINP": result.mINP}
     if variant == "dense":
         q, g = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
-        qq, gg = (q * q).sum(1), (g * g).sum(1)
-        distmat = (qq[:, None] + gg[None, :]).addmm_(q, g.t(), alpha=-2.0).numpy()
+        distmat = squared_euclidean_distance(q, g).numpy()
         cmc, m_ap = eval_func(distmat, q_pids, g_pids, q_camids, g_camids)
         return {"mAP": m_ap, "rank1": float(cmc[0])}
     if variant == "dense_rerank":
@@ -336,14 +335,18 @@ def _dense_plan(
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    """Run the requested sizes and variants, print a table, optionally write JSON."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["market"], choices=sorted(SIZES))
     parser.add_argument("--small", action="store_true", help="quick run on the small size only")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--dim", type=int, default=1280, help="feature size (CLIP-ReID ViT: 1280)")
-    parser.add_argument("--memory-mb", type=float, default=512.0, help="evaluator budget (MiB)")
+    parser.add_argument(
+        "--memory-mb",
+        type=float,
+        default=float(DEFAULT_MEMORY_BUDGET_MB),
+        help="evaluator budget (MiB)",
+    )
     parser.add_argument("--k1", type=int, default=50, help="re-ranking k1 (official processor)")
     parser.add_argument("--k2", type=int, default=15, help="re-ranking k2 (official processor)")
     parser.add_argument("--lambda-value", type=float, default=0.3)
@@ -358,7 +361,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", default="", help="append the results to this JSON file")
     parser.add_argument("--worker", default="", help=argparse.SUPPRESS)
     parser.add_argument("--dense-queries", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _run_in_subprocess(args: argparse.Namespace, variant: str, name: str) -> dict:
+    """Run one variant in a worker process (its own peak memory); returns its result."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--sizes", name]
+    for flag in ("dim", "memory_mb", "k1", "k2", "lambda_value", "threads", "repeat"):
+        cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    note = ""
+    if variant.startswith("dense"):
+        fits, subset, note = _dense_plan(variant, name, args.dense_fraction)
+        if not fits:
+            print(f"[{name}] {variant}: {note}", flush=True)
+            return {"variant": variant, "size": name, "skipped": note}
+        if subset is not None:
+            cmd += ["--dense-queries", str(subset)]
+    print(f"[{name}] {variant} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        print(f"[{name}] {variant} failed (exit {proc.returncode}):\n{tail}", flush=True)
+        return {"variant": variant, "size": name, "failed": tail}
+    out = json.loads(lines[-1][len("RESULT ") :])
+    if note:
+        out["note"] = note
+        out["measured_time_s"] = out["time_s"]
+        out["time_s"] = out["time_s"] * SIZES[name][0] / out["queries"]
+        out["extrapolated"] = True
+    print(f"[{name}] {variant}: {json.dumps(out)}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the requested sizes and variants, print a table, optionally write JSON."""
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rerank = RerankParams(args.k1, args.k2, args.lambda_value)
@@ -374,58 +412,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
         print("RESULT " + json.dumps(out))
         return [out]
-
     sizes = ["small"] if args.small else args.sizes
-    results = []
-    for name in sizes:
-        for variant in args.variants:
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--worker",
-                variant,
-                "--sizes",
-                name,
-                "--dim",
-                str(args.dim),
-                "--memory-mb",
-                str(args.memory_mb),
-                "--k1",
-                str(args.k1),
-                "--k2",
-                str(args.k2),
-                "--lambda-value",
-                str(args.lambda_value),
-                "--threads",
-                str(args.threads),
-                "--repeat",
-                str(args.repeat),
-            ]
-            note = ""
-            if variant.startswith("dense"):
-                fits, subset, note = _dense_plan(variant, name, args.dense_fraction)
-                if not fits:
-                    results.append({"variant": variant, "size": name, "skipped": note})
-                    print(f"[{name}] {variant}: {note}", flush=True)
-                    continue
-                if subset is not None:
-                    cmd += ["--dense-queries", str(subset)]
-            print(f"[{name}] {variant} ...", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                tail = (proc.stderr or proc.stdout)[-2000:]
-                results.append({"variant": variant, "size": name, "failed": tail})
-                print(f"[{name}] {variant} failed (exit {proc.returncode}):\n{tail}", flush=True)
-                continue
-            out = json.loads(lines[-1][len("RESULT ") :])
-            if note:
-                out["note"] = note
-                out["measured_time_s"] = out["time_s"]
-                out["time_s"] = out["time_s"] * SIZES[name][0] / out["queries"]
-                out["extrapolated"] = True
-            results.append(out)
-            print(f"[{name}] {variant}: {json.dumps(out)}", flush=True)
+    results = [_run_in_subprocess(args, v, name) for name in sizes for v in args.variants]
     print_table(results)
     if args.json:
         previous = []

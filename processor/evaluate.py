@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -14,6 +15,63 @@ from utils.metrics import EvalResult, evaluate_features
 from utils.reranking import RerankParams
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of a set of images and their labels, row i describing image i.
+
+    Attributes:
+        feats: float32 [N, D] features (on the device they were extracted on).
+        pids: int64 numpy [N] identities.
+        camids: int64 numpy [N] cameras.
+        viewids: int64 numpy [N] viewpoints.
+        paths: N image files.
+    """
+
+    feats: torch.Tensor
+    pids: np.ndarray
+    camids: np.ndarray
+    viewids: np.ndarray
+    paths: list[str]
+
+    def __post_init__(self) -> None:
+        n = self.feats.shape[0]
+        sizes = {"pids": len(self.pids), "camids": len(self.camids)}
+        sizes.update(viewids=len(self.viewids), paths=len(self.paths))
+        wrong = {name: size for name, size in sizes.items() if size != n}
+        if wrong:
+            raise ValueError(f"FeatureSet of {n} features but {wrong} labels")
+
+    def __len__(self) -> int:
+        return self.feats.shape[0]
+
+    def subset(self, idx: np.ndarray | slice) -> FeatureSet:
+        """The rows ``idx`` (an index array or a slice), in that order.
+
+        Args:
+            idx: int [n] row indices or a slice.
+
+        Returns:
+            A new :class:`FeatureSet` (features indexed on their device).
+        """
+        if isinstance(idx, slice):
+            rows = range(len(self))[idx]
+            feats, paths = self.feats[idx], self.paths[idx]
+        else:
+            rows = np.asarray(idx, dtype=np.int64)
+            feats = self.feats[torch.as_tensor(rows, device=self.feats.device)]
+            paths = [self.paths[i] for i in rows]
+        take = np.asarray(rows, dtype=np.int64)
+        return FeatureSet(feats, self.pids[take], self.camids[take], self.viewids[take], paths)
+
+    def query(self, num_query: int) -> FeatureSet:
+        """The first ``num_query`` rows: the query set of an evaluation loader."""
+        return self.subset(slice(0, num_query))
+
+    def gallery(self, num_query: int) -> FeatureSet:
+        """The rows after the first ``num_query``: the gallery set of an evaluation loader."""
+        return self.subset(slice(num_query, None))
 
 
 @dataclass(frozen=True)
@@ -58,7 +116,7 @@ def extract_features(
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     settings: EvalSettings,
-) -> tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]:
+) -> FeatureSet:
     """Run the model in eval mode over a loader.
 
     Args:
@@ -68,12 +126,14 @@ def extract_features(
         settings: evaluation settings (precision).
 
     Returns:
-        (feats float32 [N, D] on ``device``, pids int64 [N], camids int64 [N], paths).
+        A :class:`FeatureSet` in loader order, features float32 [N, D] on ``device``.
     """
     was_training = model.training
     model.eval()
-    feats, pids, camids, paths = [], [], [], []
-    for batch in progress(loader, total=len(loader), desc="features"):
+    feats, pids, camids, viewids, paths = [], [], [], [], []
+    for batch in progress(
+        loader, total=len(loader), desc="features", unit="batches", log_lines=True
+    ):
         images = batch["images"].to(device, non_blocking=True)
         _, cams, views = batch_ids(batch, device)
         with autocast(device, settings.amp_dtype):
@@ -81,9 +141,16 @@ def extract_features(
         feats.append(out.float())
         pids.append(batch["pids"].numpy())
         camids.append(batch["camids"].numpy())
+        viewids.append(batch["viewids"].numpy())
         paths.extend(batch["paths"])
     model.train(was_training)
-    return torch.cat(feats), np.concatenate(pids), np.concatenate(camids), paths
+    return FeatureSet(
+        torch.cat(feats),
+        np.concatenate(pids).astype(np.int64),
+        np.concatenate(camids).astype(np.int64),
+        np.concatenate(viewids).astype(np.int64),
+        paths,
+    )
 
 
 def summarize(result: EvalResult) -> dict[str, float]:
@@ -123,71 +190,123 @@ def log_results(summary: dict[str, float], header: str) -> None:
         logger.info("CMC curve, Rank-%-3d:%.1f%%", k, 100 * summary[f"rank{k}"])
 
 
+def evaluate_trials(
+    features: FeatureSet, data, settings: EvalSettings, *, keep_topk: int = 0
+) -> list[EvalResult]:
+    """Evaluate the query/gallery split of each trial (one, except VehicleID's gallery draws).
+
+    Features are extracted once: every trial re-splits the same test images (one random gallery
+    image per identity), so only the ranking is repeated per trial.
+
+    Args:
+        features: :func:`extract_features` of ``data.val`` (queries first, then the gallery).
+        data: the ``DataBundle`` of ``datasets.build.build_dataloaders`` (``num_query``,
+            ``num_trials``, ``dataset.for_trial``).
+        settings: evaluation settings.
+        keep_topk: keep each query's top-k gallery list in the results (ranked lists).
+
+    Returns:
+        One :class:`EvalResult` per trial; the first is the standard (loader) split.
+    """
+    num_trials = max(1, int(getattr(data, "num_trials", 1)))
+    row = {path: i for i, path in enumerate(features.paths)}
+    results = []
+    for trial in range(num_trials):
+        if trial == 0:
+            query, gallery = features.query(data.num_query), features.gallery(data.num_query)
+        else:
+            split = data.dataset.for_trial(trial)
+            # The trial's own camera ids: the VehicleID split sets them (query 0, gallery 1).
+            query = dataclasses.replace(
+                features.subset([row[r.path] for r in split.query]),
+                camids=np.array([r.camid for r in split.query], dtype=np.int64),
+            )
+            gallery = dataclasses.replace(
+                features.subset([row[r.path] for r in split.gallery]),
+                camids=np.array([r.camid for r in split.gallery], dtype=np.int64),
+            )
+        results.append(evaluate_sets(query, gallery, settings, keep_topk=keep_topk))
+        if num_trials > 1:
+            s = summarize(results[-1])
+            logger.info(
+                "trial %d/%d: mAP %.1f%% R1 %.1f%% R5 %.1f%%",
+                trial + 1,
+                num_trials,
+                100 * s["mAP"],
+                100 * s["rank1"],
+                100 * s["rank5"],
+            )
+    return results
+
+
+def evaluate_sets(
+    query: FeatureSet, gallery: FeatureSet, settings: EvalSettings, *, keep_topk: int = 0
+) -> EvalResult:
+    """Evaluate one query set against one gallery with the configured settings.
+
+    Args:
+        query: the queries.
+        gallery: the gallery (features on the same device).
+        settings: evaluation settings (normalisation, CMC length, budget, re-ranking).
+        keep_topk: keep each query's top-k gallery list in the result.
+
+    Returns:
+        The :class:`EvalResult`.
+    """
+    return evaluate_features(
+        query.feats,
+        gallery.feats,
+        query.pids,
+        gallery.pids,
+        query.camids,
+        gallery.camids,
+        max_rank=settings.max_rank,
+        feat_norm=settings.feat_norm,
+        keep_topk=keep_topk,
+        memory_budget_mb=settings.memory_mb,
+        rerank=settings.rerank,
+    )
+
+
+def summarize_trials(results: list[EvalResult]) -> dict[str, float]:
+    """The summary of one evaluation, or the mean over trials.
+
+    Args:
+        results: :func:`evaluate_trials` output.
+
+    Returns:
+        :func:`summarize` of the single result, or the mean of each number over the trials
+        (``num_valid_queries`` rounded) with ``num_trials``.
+    """
+    summaries = [summarize(r) for r in results]
+    if len(summaries) == 1:
+        return summaries[0]
+    mean = {k: float(np.mean([s[k] for s in summaries])) for k in summaries[0]}
+    mean["num_valid_queries"] = int(round(mean["num_valid_queries"]))
+    mean["num_trials"] = len(summaries)
+    return mean
+
+
 def evaluate_bundle(
     model: torch.nn.Module,
     data,
     settings: EvalSettings,
     device: torch.device,
-    features: tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]] | None = None,
+    features: FeatureSet | None = None,
 ) -> dict[str, float]:
     """Evaluate on a data bundle's query/gallery; VehicleID averages its gallery-draw trials.
-
-    Features are extracted once: every trial re-splits the same test images (one random gallery
-    image per identity), so only the ranking is repeated per trial.
 
     Args:
         model: the ReID model.
         data: the ``DataBundle`` of ``datasets.build.build_dataloaders``.
         settings: evaluation settings.
         device: where the model runs.
-        features: the output of :func:`extract_features` on ``data.val`` when the caller has
-            already extracted it (to reuse the features afterwards); None extracts them here.
+        features: :func:`extract_features` of ``data.val`` when the caller has already extracted
+            them (to reuse them afterwards); None extracts them here.
 
     Returns:
         :func:`summarize` of the single evaluation, or the mean over trials (with ``num_trials``).
     """
     if features is None:
         features = extract_features(model, data.val, device, settings)
-    feats, pids, camids, paths = features
-    num_trials = max(1, int(getattr(data, "num_trials", 1)))
-    row = {path: i for i, path in enumerate(paths)}
-    summaries = []
-    for trial in range(num_trials):
-        if trial == 0:
-            q_idx = np.arange(data.num_query)
-            g_idx = np.arange(data.num_query, len(paths))
-            q_cam, g_cam = camids[q_idx], camids[g_idx]
-        else:
-            split = data.dataset.for_trial(trial)
-            q_idx = np.array([row[r.path] for r in split.query])
-            g_idx = np.array([row[r.path] for r in split.gallery])
-            q_cam = np.array([r.camid for r in split.query])
-            g_cam = np.array([r.camid for r in split.gallery])
-        result = evaluate_features(
-            feats[torch.as_tensor(q_idx, device=feats.device)],
-            feats[torch.as_tensor(g_idx, device=feats.device)],
-            pids[q_idx],
-            pids[g_idx],
-            q_cam,
-            g_cam,
-            max_rank=settings.max_rank,
-            feat_norm=settings.feat_norm,
-            memory_budget_mb=settings.memory_mb,
-            rerank=settings.rerank,
-        )
-        summaries.append(summarize(result))
-        if num_trials > 1:
-            logger.info(
-                "trial %d/%d: mAP %.1f%% R1 %.1f%% R5 %.1f%%",
-                trial + 1,
-                num_trials,
-                100 * summaries[-1]["mAP"],
-                100 * summaries[-1]["rank1"],
-                100 * summaries[-1]["rank5"],
-            )
-    if num_trials == 1:
-        return summaries[0]
-    mean = {k: float(np.mean([s[k] for s in summaries])) for k in summaries[0]}
-    mean["num_valid_queries"] = int(round(mean["num_valid_queries"]))
-    mean["num_trials"] = num_trials
-    return mean
+    return summarize_trials(evaluate_trials(features, data, settings))

@@ -40,7 +40,8 @@ def rebuild_memory_bank(
         The new float32 centroids [C, D] on ``device``.
     """
     t0 = time.perf_counter()
-    feats, pids, _, _ = extract_features(model, loader, device, settings)
+    features = extract_features(model, loader, device, settings)
+    feats, pids = features.feats, features.pids
     centroids = criterion.build_memory(feats, torch.as_tensor(pids, device=feats.device))
     logger.info(
         "[stage2] memory bank %s from %d images in %.1fs",
@@ -146,7 +147,7 @@ def rebuild_cluster_memory(
         RuntimeError: DBSCAN formed no cluster.
     """
     t0 = time.perf_counter()
-    feats, _, _, _ = extract_features(model, loader, device, settings)
+    feats = extract_features(model, loader, device, settings).feats
     labels = cluster_pseudo_labels(feats, cluster)
     keep = np.flatnonzero(labels >= 0)
     if keep.size == 0:

@@ -7,8 +7,16 @@ from PIL import Image
 
 from configs.config import load_cfg
 from datasets.build import build_dataloaders
-from processor.evaluate import build_eval_settings, evaluate_bundle, summarize
-from utils.metrics import eval_func
+from processor.evaluate import (
+    FeatureSet,
+    build_eval_settings,
+    evaluate_bundle,
+    evaluate_trials,
+    extract_features,
+    summarize,
+    summarize_trials,
+)
+from utils.metrics import eval_func, evaluate_features
 
 
 class MeanColour(torch.nn.Module):
@@ -43,9 +51,8 @@ def _vehicleid(root, num_ids=6, per_id=4):
     (d / "train_test_split" / "test_list_800.txt").write_text("\n".join(lines["test"]) + "\n")
 
 
-def test_vehicleid_trials_average_matches_brute_force(tmp_path):
-    _vehicleid(tmp_path)
-    cfg = load_cfg(
+def _vehicleid_cfg(tmp_path):
+    return load_cfg(
         None,
         [
             "DATASETS.NAMES", "VehicleID", "DATASETS.ROOT_DIR", str(tmp_path),
@@ -54,6 +61,16 @@ def test_vehicleid_trials_average_matches_brute_force(tmp_path):
             "SOLVER.STAGE2.IMS_PER_BATCH", "8", "MODEL.DEVICE", "cpu",
         ],
     )  # fmt: skip
+
+
+class NotCalled(torch.nn.Module):
+    def encode_image(self, images, camids=None, viewids=None):
+        raise AssertionError("the features passed in must be reused, not extracted again")
+
+
+def test_vehicleid_trials_average_matches_brute_force(tmp_path):
+    _vehicleid(tmp_path)
+    cfg = _vehicleid_cfg(tmp_path)
     data = build_dataloaders(cfg)
     assert data.num_trials == 3
     model = MeanColour()
@@ -79,6 +96,61 @@ def test_vehicleid_trials_average_matches_brute_force(tmp_path):
     assert summary["mAP"] == pytest.approx(np.mean([e[0] for e in expected]), abs=1e-5)
     assert summary["rank1"] == pytest.approx(np.mean([e[1] for e in expected]), abs=1e-5)
     assert summary["rank5"] == pytest.approx(np.mean([e[2] for e in expected]), abs=1e-5)
+
+
+def test_extract_features_returns_a_named_set_in_loader_order(tmp_path):
+    _vehicleid(tmp_path)
+    cfg = _vehicleid_cfg(tmp_path)
+    data = build_dataloaders(cfg)
+    model = MeanColour()
+    settings = build_eval_settings(cfg)
+    features = extract_features(model, data.val, torch.device("cpu"), settings)
+    batches = list(data.val)
+    images = torch.cat([b["images"] for b in batches])
+    torch.testing.assert_close(features.feats, model.encode_image(images), rtol=0, atol=1e-6)
+    for name in ("pids", "camids", "viewids"):
+        want = np.concatenate([b[name].numpy() for b in batches])
+        np.testing.assert_array_equal(getattr(features, name), want)
+        assert getattr(features, name).dtype == np.int64
+    assert features.paths == [p for b in batches for p in b["paths"]]
+    assert len(features) == len(images)
+
+    # Trial results: the summary is their mean, and a caller's features are reused.
+    results = evaluate_trials(features, data, settings, keep_topk=3)
+    assert len(results) == 3
+    assert results[0].topk_indices.shape == (data.num_query, 3)
+    summary = summarize_trials(results)
+    assert summary["mAP"] == pytest.approx(np.mean([r.mAP for r in results]), abs=1e-12)
+    assert summary["num_trials"] == 3
+    assert evaluate_bundle(NotCalled(), data, settings, torch.device("cpu"), features) == summary
+    # Trial 0 is the loader's split: queries first, then the gallery, camids as loaded.
+    q, g = features.query(data.num_query), features.gallery(data.num_query)
+    direct = evaluate_features(
+        q.feats, g.feats, q.pids, g.pids, q.camids, g.camids, show_progress=False
+    )
+    np.testing.assert_array_equal(results[0].ap, direct.ap)
+    np.testing.assert_array_equal(results[0].first_match_rank, direct.first_match_rank)
+
+
+def test_feature_set_subsets():
+    feats = torch.arange(12.0).view(6, 2)
+    fs = FeatureSet(
+        feats,
+        np.arange(6) + 10,
+        np.arange(6) % 2,
+        np.zeros(6, dtype=np.int64),
+        [f"img{i}.jpg" for i in range(6)],
+    )
+    sub = fs.subset(np.array([4, 1]))
+    assert torch.equal(sub.feats, feats[[4, 1]])
+    assert sub.pids.tolist() == [14, 11] and sub.camids.tolist() == [0, 1]
+    assert sub.paths == ["img4.jpg", "img1.jpg"]
+    q, g = fs.query(2), fs.gallery(2)
+    assert torch.equal(q.feats, feats[:2]) and q.paths == ["img0.jpg", "img1.jpg"]
+    assert torch.equal(g.feats, feats[2:]) and g.pids.tolist() == [12, 13, 14, 15]
+    assert len(q) + len(g) == len(fs)
+    with pytest.raises(ValueError, match="paths"):
+        FeatureSet(feats, fs.pids, fs.camids, fs.viewids, fs.paths[:5])
 
 
 def test_summarize_reads_the_cmc_curve():

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils.distance import squared_euclidean_distance
 from utils.metrics import (
     EvalResult,
     eval_func,
     evaluate_distmat,
     evaluate_distmat_chunks,
     evaluate_features,
-    squared_euclidean_distance,
 )
 
 
@@ -225,9 +225,9 @@ def test_gpu_matches_cpu():
 
 
 def test_progress_log_lines_when_not_a_terminal(monkeypatch, caplog):
-    import utils.metrics as metrics
+    import utils.logger
 
-    monkeypatch.setattr(metrics, "_LOG_PERIOD_S", 0.0)
+    monkeypatch.setattr(utils.logger, "LOG_PERIOD_S", 0.0)
     rng = np.random.default_rng(8)
     ids = make_ids(rng, 6, 20, num_pids=3, num_cams=2)
     distmat = rng.random((6, 20))

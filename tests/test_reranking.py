@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from configs.defaults import get_cfg_defaults
+from processor.evaluate import build_eval_settings
 from utils.metrics import eval_func, evaluate_features
 from utils.reranking import RerankParams, k_reciprocal_rerank_chunks, re_ranking
 
@@ -93,8 +95,19 @@ def test_official_signature_defaults_and_numpy_input():
     qf, gf, _, _ = clustered_features(seed=11)
     expected = textbook_re_ranking(qf.numpy(), gf.numpy(), 20, 6, 0.3)
     np.testing.assert_allclose(re_ranking(qf.numpy(), gf.numpy()), expected, atol=2e-5)
-    params = RerankParams()
-    assert (params.k1, params.k2, params.lambda_value) == (20, 6, 0.3)
+
+
+def test_rerank_params_come_from_the_config_only():
+    # No second copy of the values: RerankParams has no defaults, the evaluation settings are
+    # built from TEST.RE_RANKING_K1/K2/LAMBDA.
+    with pytest.raises(TypeError):
+        RerankParams()
+    cfg = get_cfg_defaults()
+    cfg.TEST.RE_RANKING = True
+    cfg.TEST.RE_RANKING_K1, cfg.TEST.RE_RANKING_K2, cfg.TEST.RE_RANKING_LAMBDA = 31, 7, 0.25
+    assert build_eval_settings(cfg).rerank == RerankParams(31, 7, 0.25)
+    defaults = build_eval_settings(get_cfg_defaults()).rerank
+    assert defaults is None  # TEST.RE_RANKING False
 
 
 def test_block_size_does_not_change_the_result():
@@ -127,6 +140,31 @@ def test_evaluator_with_rerank_equals_dense_path():
     assert result.mAP != pytest.approx(plain.mAP, abs=1e-9)  # re-ranking did change the ranking
 
 
+def test_evaluator_topk_lists_follow_the_reranked_distances():
+    qf, gf, q_pids, g_pids = clustered_features(seed=15, num_q=12, num_g=50)
+    rng = np.random.default_rng(15)
+    q_camids, g_camids = rng.integers(0, 3, len(q_pids)), rng.integers(0, 3, len(g_pids))
+    dense = re_ranking(F.normalize(qf, dim=1), F.normalize(gf, dim=1), 10, 4, 0.3)
+    k = 6
+    result = evaluate_features(
+        qf,
+        gf,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        keep_topk=k,
+        rerank=RerankParams(10, 4, 0.3),
+        show_progress=False,
+    )
+    for qi in range(len(q_pids)):
+        keep = ~((g_pids == q_pids[qi]) & (g_camids == q_camids[qi]))
+        cols = np.flatnonzero(keep)
+        order = cols[np.argsort(dense[qi, cols], kind="stable")][:k]
+        np.testing.assert_array_equal(result.topk_indices[qi], order)
+        np.testing.assert_allclose(result.topk_distances[qi], dense[qi, order], atol=1e-6)
+
+
 def test_jaccard_identity_for_rows_summing_to_one():
     # With rows summing to 1, sum(max) = 2 - sum(min), so 1 - s / (2 - s) is the Jaccard distance.
     rng = np.random.default_rng(0)
@@ -147,7 +185,7 @@ def test_two_thirds_rule_in_integers_matches_float_rule():
 @pytest.mark.parametrize("kwargs", [{"k1": 0}, {"k2": 0}, {"lambda_value": 1.5}])
 def test_invalid_parameters(kwargs):
     with pytest.raises(ValueError):
-        RerankParams(**kwargs)
+        RerankParams(**{"k1": 20, "k2": 6, "lambda_value": 0.3, **kwargs})
 
 
 @pytest.mark.gpu

@@ -183,7 +183,8 @@ def test_chunked_ranking_equals_brute_force(metric):
     if metric == "cosine":
         q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
     k = 6
-    scores, idx = search.rank_gallery(q, g, k, metric, gallery_chunk=4, query_chunk=3)
+    # Gallery chunks of 4 and a budget of one query row per block.
+    scores, idx = search.rank_gallery(q, g, k, metric, gallery_chunk=4, memory_budget_mb=1e-6)
     qn, gn = q.double().numpy(), g.double().numpy()
     if metric == "cosine":
         ref = qn @ gn.T

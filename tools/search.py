@@ -55,8 +55,9 @@ from model.reid_model import ReIDModel  # noqa: E402
 from processor.evaluate import build_eval_settings, extract_features  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.dist import resolve_device  # noqa: E402
+from utils.distance import DEFAULT_MEMORY_BUDGET_MB, chunked_topk  # noqa: E402
+from utils.drawing import GAP, LABEL_H, render_ranking  # noqa: E402, F401 (layout re-exported)
 from utils.logger import progress, setup_logger  # noqa: E402
-from utils.visualize import GAP, LABEL_H, render_ranking  # noqa: E402, F401 (layout re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,8 @@ FEATURE_KEYS = (
     "TEST.NECK_FEAT",
     "TEST.FEAT_NORM",
 )
-# Gallery columns scored at once per query block: bounds the score buffer to rows x 8192 floats.
+# Gallery rows scored at once: an fp16 index is widened to float32 one chunk at a time.
 GALLERY_CHUNK = 8192
-QUERY_CHUNK = 1024
 
 
 class SearchError(RuntimeError):
@@ -243,7 +243,7 @@ def compute_features(
         collate_fn=collate_batch,
     )
     try:
-        feats, _, _, _ = extract_features(model, loader, device, build_eval_settings(cfg))
+        feats = extract_features(model, loader, device, build_eval_settings(cfg)).feats
     except CorruptImageError as err:
         raise SearchError(str(err).split(" Set DATASETS")[0]) from err
     feats = feats.float().cpu()
@@ -264,13 +264,13 @@ def rank_gallery(
     topk: int,
     metric: str = "cosine",
     gallery_chunk: int = GALLERY_CHUNK,
-    query_chunk: int = QUERY_CHUNK,
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k gallery items per query, scored in memory-bounded blocks.
 
-    Each (query block x gallery chunk) score matrix is one matrix product; its top-k is merged
-    with the running top-k of the earlier chunks, so memory stays O(query_chunk x gallery_chunk)
-    whatever the gallery size.
+    The shared chunked top-k (:func:`utils.distance.chunked_topk`): each (query block x gallery
+    chunk) is one matrix product, reduced to its top-k and merged with the earlier chunks', so
+    memory stays bounded whatever the gallery size; equal scores rank by gallery index.
 
     Args:
         query_feats: [Q, D] (float16 or float32; scored in float32).
@@ -279,37 +279,22 @@ def rank_gallery(
         metric: 'cosine' (features already L2-normalised: score = q . g, higher first) or
             'euclidean' (score = -|q - g|^2, i.e. smaller distance first).
         gallery_chunk: gallery rows scored at once.
-        query_chunk: query rows scored at once.
+        memory_budget_mb: working memory (MiB) of one block; sets the query rows per block.
 
     Returns:
         (scores float32 [Q, k], indices int64 [Q, k]), best first: cosine similarities, or
         negated squared Euclidean distances.
     """
-    if metric not in ("cosine", "euclidean"):
-        raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
-    n = gallery_feats.shape[0]
-    k = min(int(topk), n)
-    if k < 1:
-        raise ValueError(f"topk must be positive and the gallery non-empty (topk {topk}, N {n})")
-    out_scores, out_index = [], []
-    for q0 in range(0, query_feats.shape[0], query_chunk):
-        q = query_feats[q0 : q0 + query_chunk].float()
-        best_s = torch.empty(q.shape[0], 0, device=q.device)
-        best_i = torch.empty(q.shape[0], 0, dtype=torch.int64, device=q.device)
-        for g0 in range(0, n, gallery_chunk):
-            g = gallery_feats[g0 : g0 + gallery_chunk].to(q.device).float()
-            scores = q @ g.T
-            if metric == "euclidean":
-                # -|q - g|^2 = 2 q.g - |q|^2 - |g|^2
-                scores.mul_(2).sub_(q.square().sum(1, keepdim=True)).sub_(g.square().sum(1))
-            s, i = torch.topk(scores, min(k, g.shape[0]), dim=1)
-            merged_s = torch.cat([best_s, s], dim=1)
-            merged_i = torch.cat([best_i, i + g0], dim=1)
-            best_s, pos = torch.topk(merged_s, min(k, merged_s.shape[1]), dim=1)
-            best_i = merged_i.gather(1, pos)
-        out_scores.append(best_s)
-        out_index.append(best_i)
-    return torch.cat(out_scores), torch.cat(out_index)
+    # Both distances are negated scores ('cosine': -q.g), so negation gives the scores exactly.
+    dist, index = chunked_topk(
+        query_feats,
+        gallery_feats,
+        topk,
+        metric=metric,
+        memory_budget_mb=memory_budget_mb,
+        gallery_chunk=gallery_chunk,
+    )
+    return dist.neg_(), index
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Logging set-up, per-period progress lines, tqdm on terminals and ``metrics.jsonl``."""
+"""Logging set-up, progress (tqdm on terminals, periodic log lines otherwise), ``metrics.jsonl``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,10 @@ from utils.dist import is_main_process
 T = TypeVar("T")
 
 _FORMAT = "%(asctime)s %(name)s %(levelname)s: %(message)s"
+# Progress off a terminal: one log line at most this often (seconds).
+LOG_PERIOD_S = 30.0
+
+logger = logging.getLogger(__name__)
 
 
 def setup_logger(output_dir: str | None, rank: int = 0, filename: str = "train_log.txt") -> None:
@@ -52,22 +56,108 @@ def interactive() -> bool:
     return sys.stderr.isatty() and is_main_process()
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "") -> Iterator[T]:
-    """Wrap a long loop in a tqdm bar on a terminal; return it unchanged otherwise.
+class Progress:
+    """Progress of a long loop: a tqdm bar on an interactive terminal, log lines otherwise.
+
+    Off a terminal (a log file, a batch job), one line at most every ``LOG_PERIOD_S`` seconds
+    gives the count, the share done, the elapsed time and an estimate of the time left.
+
+    Args:
+        total: the number of units to do, if known.
+        desc: label of the bar and of the log lines.
+        unit: what is counted ('batches', 'queries', 'rows').
+        enabled: False shows nothing (library calls with ``show_progress=False``).
+        log_lines: False shows no log lines off a terminal (loops that log their own lines).
+        log: the logger of the log lines (default: this module's), so that they carry the name
+            of the module doing the work.
+    """
+
+    def __init__(
+        self,
+        total: int | None,
+        desc: str,
+        unit: str = "it",
+        *,
+        enabled: bool = True,
+        log_lines: bool = True,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.log_lines = enabled and log_lines
+        self.log = log or logger
+        self.done = 0
+        self.start = self.last_log = time.monotonic()
+        self.bar = None
+        if enabled and interactive():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more units done.
+
+        Args:
+            n: units finished since the last call.
+        """
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        finished = self.total is not None and self.done >= self.total
+        if not self.log_lines or finished or now - self.last_log < LOG_PERIOD_S:
+            return
+        self.last_log = now
+        elapsed = now - self.start
+        if self.total is None:
+            self.log.info("%s: %d %s, %.0f s elapsed", self.desc, self.done, self.unit, elapsed)
+            return
+        self.log.info(
+            "%s: %d/%d %s (%.0f%%), %.0f s elapsed, about %.0f s left",
+            self.desc,
+            self.done,
+            self.total,
+            self.unit,
+            100.0 * self.done / max(self.total, 1),
+            elapsed,
+            elapsed * (self.total - self.done) / max(self.done, 1),
+        )
+
+    def close(self) -> None:
+        """Close the bar; log the total count and time at debug level."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        elapsed = time.monotonic() - self.start
+        self.log.debug("%s: %d %s in %.1f s", self.desc, self.done, self.unit, elapsed)
+
+
+def progress(
+    iterable: Iterable[T],
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    log_lines: bool = False,
+) -> Iterator[T]:
+    """Iterate with a :class:`Progress`: tqdm on a terminal, optional log lines otherwise.
 
     Args:
         iterable: the loop.
         total: its length, if known.
-        desc: the bar's label.
+        desc: the label.
+        unit: what one item is.
+        log_lines: periodic log lines off a terminal (off for loops that log their own).
 
     Returns:
         An iterator over the same items.
     """
-    if interactive():
-        from tqdm import tqdm
-
-        return iter(tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True))
-    return iter(iterable)
+    bar = Progress(total, desc, unit, log_lines=log_lines)
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def append_metrics(output_dir: str, record: dict[str, Any]) -> None:

@@ -8,7 +8,8 @@ Two evaluators give identical numbers:
 * :func:`evaluate_features` (features in, :class:`EvalResult` out) and
   :func:`evaluate_distmat_chunks` (distance blocks in) compute the same metrics one query chunk at
   a time, on the device of the input tensors, without any query x gallery array and without a
-  full sort of each row.
+  full sort of each row. Asked to (``keep_topk``), they also keep each query's top-k gallery list
+  (:func:`utils.distance.block_topk`) for ranked lists, so nothing needs evaluating twice.
 
 Protocol (Market-1501 style, as the official code): for each query, gallery items with the same
 pid AND the same camid are removed; a query left without a true match is skipped; CMC is the
@@ -19,42 +20,34 @@ hardest (last) true match.
 Tie rule: gallery items at equal distance are ranked by ascending gallery index (a stable sort).
 Both evaluators apply it, so their results agree exactly, ties included.
 
-How the chunked evaluator avoids sorting: for each query, let ``t`` be the distance of its
-farthest true match. Only gallery items with distance <= t can be ranked before a true match, so
-only those are gathered. The query's few true matches are sorted by (distance, gallery index), and
-each gathered item is placed among them by a binary search (``torch.searchsorted`` on an integer
-key that orders like the float distance, exact ties settled by gallery index). A histogram of
-these positions, summed, gives the number of kept items ranked before each true match, i.e. its
-rank. For a useful model the gathered items are a tiny fraction of the gallery, so the cost is
-dominated by the distance product itself; for a poor one it stays within a small factor of a
-sort.
+The exact ranking of each query's true matches, without sorting each row, is in
+:mod:`utils.match_ranks`.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from utils.reranking import RerankParams
+from utils.distance import (
+    DEFAULT_MEMORY_BUDGET_MB,
+    block_topk,
+    chunk_rows,
+    distance_chunks,
+    prepare_features,
+)
+from utils.logger import Progress
+from utils.match_ranks import MatchRanker
+from utils.reranking import RerankParams, k_reciprocal_rerank_chunks
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_BUDGET_MB = 512  # working memory of one chunk; small next to any GPU or host
-
 # Bytes per query x gallery pair of one chunk's dense buffers: float32 distance + bool mask.
 _DENSE_BYTES_PER_PAIR = 5
-# Bytes per gathered (candidate) item while ranking: row/column indices, key, bucket (+margin).
-_SELECTED_BYTES = 72
-# Non-interactive progress: one log line at most this often (seconds).
-_LOG_PERIOD_S = 30.0
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence[int]
 
@@ -72,6 +65,10 @@ class EvalResult:
         ap: float64 [Q], per-query AP; NaN for skipped queries.
         inp: float64 [Q], per-query INP; NaN for skipped queries.
         first_match_rank: int64 [Q], 1-based rank of the first true match; -1 when skipped.
+        topk_indices: int64 [Q, k], each query's k nearest gallery items in rank order (its
+            same-identity same-camera items left out, ties by gallery index), -1 past the end
+            of a short list; None unless asked for (``keep_topk``).
+        topk_distances: float32 [Q, k], their distances (inf past the end); None likewise.
     """
 
     cmc: np.ndarray
@@ -82,6 +79,13 @@ class EvalResult:
     ap: np.ndarray
     inp: np.ndarray
     first_match_rank: np.ndarray
+    topk_indices: np.ndarray | None = None
+    topk_distances: np.ndarray | None = None
+
+    @property
+    def valid(self) -> np.ndarray:
+        """bool [Q]: queries with a true match left after removal (the ones averaged)."""
+        return self.first_match_rank > 0
 
     def rank(self, k: int) -> float:
         """Rank-k accuracy (k clipped to the CMC length).
@@ -109,52 +113,6 @@ class EvalResult:
             "num_valid_queries": int(self.num_valid_queries),
             "num_queries": int(self.num_queries),
         }
-
-
-class _Progress:
-    """A tqdm bar on an interactive terminal, periodic log lines otherwise."""
-
-    def __init__(self, total: int, desc: str, unit: str, enabled: bool = True) -> None:
-        self.total, self.desc, self.unit, self.enabled = total, desc, unit, enabled
-        self.done = 0
-        self.start = self.last_log = time.monotonic()
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:  # tqdm is optional for the metrics; fall back to log lines
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        now = time.monotonic()
-        if self.enabled and now - self.last_log >= _LOG_PERIOD_S and self.done < self.total:
-            self.last_log = now
-            elapsed = now - self.start
-            left = elapsed * (self.total - self.done) / max(self.done, 1)
-            logger.info(
-                "%s: %d/%d %s (%.0f%%), %.0f s elapsed, about %.0f s left",
-                self.desc,
-                self.done,
-                self.total,
-                self.unit,
-                100.0 * self.done / max(self.total, 1),
-                elapsed,
-                left,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        logger.debug("%s: %d %s in %.1f s", self.desc, self.done, self.unit, self.elapsed())
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
 
 
 def _as_numpy_ids(values: ArrayLike, name: str) -> np.ndarray:
@@ -251,260 +209,73 @@ def eval_func(
     return cmc, float(np.mean(all_ap))
 
 
-def squared_euclidean_distance(qf: torch.Tensor, gf: torch.Tensor) -> torch.Tensor:
-    """Dense squared Euclidean distances ||q||^2 + ||g||^2 - 2 q.g, as the official code.
+class _BlockEvaluator:
+    """Ranks the distance blocks of :func:`evaluate_distmat_chunks` and gathers per-query results.
 
-    Args:
-        qf: float [Q, D] query features.
-        gf: float [G, D] gallery features (same device).
-
-    Returns:
-        float32 [Q, G] distances on the features' device.
+    Ids are copied to each block's device once; the ranker (and its buffers) follows the device.
     """
-    qf, gf = qf.float(), gf.float()
-    out = torch.empty(qf.shape[0], gf.shape[0], dtype=torch.float32, device=qf.device)
-    return distance_block(qf, gf, (qf * qf).sum(1), (gf * gf).sum(1), out)
 
+    def __init__(self, ids: tuple[np.ndarray, ...], keep_topk: int, memory_budget_mb: float):
+        self.ids = ids  # q_pids, g_pids, q_camids, g_camids (int64 numpy)
+        num_q = len(ids[0])
+        self.keep_topk, self.memory_budget_mb = keep_topk, memory_budget_mb
+        self.ap = np.full(num_q, np.nan)
+        self.inp = np.full(num_q, np.nan)
+        self.first = np.full(num_q, -1, dtype=np.int64)
+        self.topk_indices = np.full((num_q, keep_topk), -1, dtype=np.int64)
+        self.topk_distances = np.full((num_q, keep_topk), np.inf, dtype=np.float32)
+        self.device_ids: dict = {}
+        self.ranker: MatchRanker | None = None
 
-def distance_block(
-    q: torch.Tensor, g: torch.Tensor, qq: torch.Tensor, gg: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """Squared Euclidean distances of a block of rows, written into ``out``.
+    def add(self, block: torch.Tensor, start: int) -> None:
+        """Rank queries [start, start + len(block)) on the block's device."""
+        stop = start + block.shape[0]
+        device = block.device
+        if device not in self.device_ids:
+            self.device_ids[device] = [torch.as_tensor(v).to(device) for v in self.ids]
+        q_pids, g_pids, q_camids, g_camids = self.device_ids[device]
+        if self.ranker is None or self.ranker.gallery.g_pids.device != device:
+            self.ranker = MatchRanker(g_pids, g_camids, self.memory_budget_mb)
+        gidx, positive, removed = self.ranker.gallery.matches(
+            q_pids[start:stop], q_camids[start:stop]
+        )
+        ap, inp, first = self.ranker.rank(block, gidx, positive, removed)
+        self.ap[start:stop] = ap.cpu().numpy()
+        self.inp[start:stop] = inp.cpu().numpy()
+        self.first[start:stop] = first.cpu().numpy()
+        if self.keep_topk > 0:
+            rows, slots = torch.nonzero(removed, as_tuple=True)
+            dist, index = block_topk(
+                block,
+                self.keep_topk,
+                exclude=(rows, gidx[rows, slots]),
+                memory_budget_mb=self.memory_budget_mb,
+            )
+            self.topk_distances[start:stop] = dist.cpu().numpy()
+            self.topk_indices[start:stop] = index.cpu().numpy()
 
-    Args:
-        q: float32 [c, D] rows.
-        g: float32 [G, D] columns (same device).
-        qq: float32 [c] squared norms of ``q``.
-        gg: float32 [G] squared norms of ``g``.
-        out: float32 [c, G] destination.
-
-    Returns:
-        ``out``, holding |q|^2 + |g|^2 - 2 q.g.
-    """
-    # Same operation order as the official code: (|q|^2 + |g|^2) first, then the -2 q.g product.
-    torch.add(qq[:, None], gg[None, :], out=out)
-    return out.addmm_(q, g.t(), alpha=-2.0)
-
-
-def _prepare_features(feats: torch.Tensor, feat_norm: bool, name: str) -> torch.Tensor:
-    if feats.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [N, D], got shape {tuple(feats.shape)}")
-    # Half-precision features are widened: fp16 distances lose ties and ordering.
-    widened = feats.detach().float()
-    norms = torch.linalg.vector_norm(widened, dim=1, keepdim=True)
-    # A NaN or infinite value makes its row's norm non-finite: a check on N numbers, not N x D.
-    if not bool(torch.isfinite(norms).all()):
-        raise ValueError(f"{name} contains NaN or infinite values")
-    if not feat_norm:
-        return widened
-    # Same arithmetic as F.normalize (x / max(|x|, eps)); in place when widening made a copy.
-    norms.clamp_min_(1e-12)
-    if widened.data_ptr() == feats.data_ptr():
-        return widened / norms
-    return widened.div_(norms)
-
-
-def distance_chunks(qf: torch.Tensor, gf: torch.Tensor, chunk_rows: int) -> Iterator[torch.Tensor]:
-    """Squared Euclidean distances, one block of query rows at a time.
-
-    The yielded tensor is a reused buffer: consume it before asking for the next block.
-
-    Args:
-        qf: float32 [Q, D] query features.
-        gf: float32 [G, D] gallery features (same device).
-        chunk_rows: query rows per block.
-
-    Returns:
-        An iterator of float32 [c, G] blocks covering the queries in order.
-    """
-    chunk_rows = max(1, min(int(chunk_rows), qf.shape[0]))
-    qq, gg = (qf * qf).sum(1), (gf * gf).sum(1)
-    buf = torch.empty(chunk_rows, gf.shape[0], dtype=torch.float32, device=qf.device)
-    for start in range(0, qf.shape[0], chunk_rows):
-        stop = min(start + chunk_rows, qf.shape[0])
-        yield distance_block(qf[start:stop], gf, qq[start:stop], gg, buf[: stop - start])
-
-
-def default_chunk_rows(num_gallery: int, memory_budget_mb: float) -> int:
-    """Query rows per distance block for a memory budget (half of it for the dense block).
-
-    Args:
-        num_gallery: G.
-        memory_budget_mb: working-memory budget in MiB.
-
-    Returns:
-        Rows per block, at least 1.
-    """
-    budget = memory_budget_mb * 2**20
-    return max(1, int(budget // 2 // (_DENSE_BYTES_PER_PAIR * max(num_gallery, 1))))
-
-
-class _GalleryIndex:
-    """Gallery items grouped by pid, to look up each query's same-pid items without a Q x G mask."""
-
-    def __init__(self, g_pids: torch.Tensor, g_camids: torch.Tensor) -> None:
-        self.g_pids, self.g_camids = g_pids, g_camids
-        self.order = torch.argsort(g_pids, stable=True)
-        self.uniq, counts = torch.unique_consecutive(g_pids[self.order], return_counts=True)
-        self.counts = counts
-        self.starts = torch.cumsum(counts, 0) - counts
-
-    def lookup(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Same-pid gallery indices per query: (idx int64 [c, M], mask bool [c, M])."""
-        slot = torch.searchsorted(self.uniq, q_pids).clamp_(max=len(self.uniq) - 1)
-        found = self.uniq[slot] == q_pids
-        count = torch.where(found, self.counts[slot], torch.zeros_like(slot))
-        width = int(count.max()) if len(count) else 0
-        arange = torch.arange(width, device=q_pids.device)
-        mask = arange[None, :] < count[:, None]
-        flat = (self.starts[slot][:, None] + arange[None, :]).clamp_(max=len(self.order) - 1)
-        return self.order[flat], mask
-
-
-def _float_order_key(values: torch.Tensor) -> torch.Tensor:
-    """Map float32 values to int64 keys in [0, 2^32) with the same order (no NaN)."""
-    bits = (values + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    # Negative floats order backwards as integers: flip their magnitude bits.
-    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return bits.to(torch.int64) + 2**31
-
-
-class _ChunkRanker:
-    """Per-query AP, INP and first-match rank from blocks of distances."""
-
-    def __init__(
-        self,
-        g_pids: torch.Tensor,
-        g_camids: torch.Tensor,
-        memory_budget_mb: float,
-    ) -> None:
-        self.gallery = _GalleryIndex(g_pids, g_camids)
-        self.num_g = len(g_pids)
-        self.padded_g = (self.num_g + 7) // 8 * 8  # whole int64 words for a cheap count bound
-        self.budget = memory_budget_mb * 2**20
-        self.mask_buf: torch.Tensor | None = None
-
-    def _mask_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
-        buf = self.mask_buf
-        if buf is None or buf.shape[0] < rows or buf.device != device:
-            buf = torch.zeros(rows, self.padded_g, dtype=torch.bool, device=device)
-            self.mask_buf = buf
-        return buf[:rows]
-
-    def rank(
-        self, dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Rank the true matches of one block of queries.
-
-        Args:
-            dist: float32 [c, G] distances.
-            q_pids: int64 [c].
-            q_camids: int64 [c].
-
-        Returns:
-            (ap float64 [c], inp float64 [c], first-match rank int64 [c]); NaN / NaN / -1 for
-            queries without a true match.
-        """
-        c = dist.shape[0]
-        device = dist.device
-        ap = torch.full((c,), float("nan"), dtype=torch.float64, device=device)
-        inp = ap.clone()
-        first = torch.full((c,), -1, dtype=torch.int64, device=device)
-        gidx, gmask = self.gallery.lookup(q_pids)
-        width = gidx.shape[1]
-        if width == 0:
-            return ap, inp, first
-        positive = gmask & (self.gallery.g_camids[gidx] != q_camids[:, None])
-        removed = gmask & ~positive
-        num_pos = positive.sum(1)
-        pos_dist = dist.gather(1, gidx)
-        if bool(torch.isnan(pos_dist[positive]).any()):
-            raise ValueError("distances of true matches contain NaN")
-        # Nothing farther than the farthest true match can be ranked before any true match.
-        thresh = pos_dist.masked_fill(~positive, float("-inf")).amax(1)
-        words = self._mask_buffer(c, device)
-        selected = words[:, : self.num_g]
-        torch.le(dist, thresh[:, None], out=selected)
-        removed_rows, removed_slots = torch.nonzero(removed, as_tuple=True)
-        selected[removed_rows, gidx[removed_rows, removed_slots]] = False  # never counted
-
-        # The true matches of each row sorted by (distance, gallery index); gidx is ascending
-        # within a row, so a stable sort on the distance key gives the tie rule. Other slots get
-        # a key above every distance key. Adding row << 33 makes one globally sorted sequence
-        # with exactly `width` entries per row.
-        pos_key = _float_order_key(pos_dist).masked_fill_(~positive, 2**32)
-        pos_key, order = torch.sort(pos_key, dim=1, stable=True)
-        row_base = torch.arange(c, device=device)[:, None] << 33
-        seq = (pos_key + row_base).view(-1)
-        seq_cols = gidx.gather(1, order).view(-1)
-
-        # hist[r, b]: kept items of row r that precede exactly the true matches b, b + 1, ...
-        hist = torch.zeros(c * (width + 1), dtype=torch.int64, device=device)
-        max_items = max(1, int(self.budget // _SELECTED_BYTES))
-        # Cheap upper bound on the selected count (8 per non-zero 64-bit word); the exact
-        # per-row count is needed only when the bound says the budget could be exceeded.
-        bound = 8 * int(torch.count_nonzero(words.view(torch.int64)))
-        if bound <= max_items:
-            groups = [(0, c)]
-        else:
-            counts = selected.view(torch.uint8).sum(1, dtype=torch.int64).cpu().numpy()
-            groups = _row_groups(counts, max_items)
-        for start, stop in groups:
-            self._count_preceding(dist, words, start, stop, seq, seq_cols, width, hist)
-
-        # preceding[r, k]: kept items ranked before the k-th true match (0-based) of row r.
-        preceding = torch.cumsum(hist.view(c, width + 1)[:, :width], dim=1)
-        hit_rank = (preceding + 1).to(torch.float64)
-        k = torch.arange(1, width + 1, device=device, dtype=torch.float64)
-        is_hit = k[None, :] <= num_pos[:, None]
-        precision_sum = torch.where(is_hit, k[None, :] / hit_rank, 0.0).sum(1)
-        valid = num_pos > 0
-        npos = num_pos.clamp(min=1)
-        last_rank = hit_rank.gather(1, (npos - 1)[:, None]).view(-1)
-        ap = torch.where(valid, precision_sum / npos, ap)
-        inp = torch.where(valid, npos / last_rank, inp)
-        first = torch.where(valid, hit_rank[:, 0].to(torch.int64), first)
-        return ap, inp, first
-
-    def _count_preceding(self, dist, words, start, stop, seq, seq_cols, width, hist) -> None:
-        """Add the selected items of rows [start, stop) to the histogram of preceded matches."""
-        # The padded (contiguous) mask scans faster; its padding columns are always False.
-        rows, cols = torch.nonzero(words[start:stop], as_tuple=True)
-        if rows.numel() == 0:
-            return
-        rows += start
-        key = (rows << 33) + _float_order_key(dist[rows, cols])
-        # Matches of the item's row with a smaller key are ranked before it ...
-        bucket = torch.searchsorted(seq, key)
-        # ... and so are matches at exactly the same distance with a smaller or equal gallery
-        # index (equal: the item is that match itself). Ties are rare: handled apart.
-        tie = seq[bucket.clamp(max=len(seq) - 1)] == key
-        if bool(tie.any()):
-            where = torch.nonzero(tie, as_tuple=True)[0]
-            lo, tkey = bucket[where], key[where]
-            span = torch.searchsorted(seq, tkey, right=True) - lo
-            offsets = torch.arange(int(span.max()), device=seq.device)
-            slots = (lo[:, None] + offsets[None, :]).clamp_(max=len(seq) - 1)
-            before = (seq_cols[slots] <= cols[where][:, None]) & (offsets[None, :] < span[:, None])
-            bucket[where] = lo + before.sum(1)
-        # Each row owns `width` entries of seq, so the row's local bucket is bucket - row*width.
-        hist.index_add_(0, bucket + rows, torch.ones_like(bucket))
-
-
-def _row_groups(costs: np.ndarray, max_cost: float) -> list[tuple[int, int]]:
-    """Split rows into consecutive groups whose summed cost stays within max_cost (>= 1 row)."""
-    cum = np.concatenate([[0], np.cumsum(costs, dtype=np.float64)])
-    groups, start = [], 0
-    while start < len(costs):
-        stop = int(np.searchsorted(cum, cum[start] + max_cost, side="right")) - 1
-        stop = min(max(stop, start + 1), len(costs))
-        groups.append((start, stop))
-        start = stop
-    return groups
-
-
-def _to_device_ids(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.as_tensor(values, dtype=torch.int64).to(device)
+    def result(self, max_rank: int) -> EvalResult:
+        """The :class:`EvalResult` of all queries (CMC clipped to ``max_rank``)."""
+        valid = self.first > 0
+        num_valid = int(valid.sum())
+        if num_valid == 0:
+            raise ValueError(_NO_VALID_QUERY)
+        # cmc[k - 1] = share of valid queries whose first true match is within rank k.
+        hist = np.bincount(np.minimum(self.first[valid], max_rank + 1), minlength=max_rank + 2)
+        cmc = np.cumsum(hist[1 : max_rank + 1]) / num_valid
+        keep = self.keep_topk > 0
+        return EvalResult(
+            cmc=cmc.astype(np.float64),
+            mAP=float(self.ap[valid].mean()),
+            mINP=float(self.inp[valid].mean()),
+            num_valid_queries=num_valid,
+            num_queries=len(self.first),
+            ap=self.ap,
+            inp=self.inp,
+            first_match_rank=self.first,
+            topk_indices=self.topk_indices if keep else None,
+            topk_distances=self.topk_distances if keep else None,
+        )
 
 
 def evaluate_distmat_chunks(
@@ -515,6 +286,7 @@ def evaluate_distmat_chunks(
     g_camids: ArrayLike,
     *,
     max_rank: int = 50,
+    keep_topk: int = 0,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = True,
     desc: str = "evaluation",
@@ -532,6 +304,9 @@ def evaluate_distmat_chunks(
         q_camids: int [Q] query cameras.
         g_camids: int [G] gallery cameras.
         max_rank: CMC length; clipped to G.
+        keep_topk: also keep each query's ``keep_topk`` nearest gallery items (its
+            same-identity same-camera items left out) in ``EvalResult.topk_indices`` /
+            ``topk_distances``; 0 keeps none.
         memory_budget_mb: budget for the ranking work of one block (MiB), not counting the block.
         show_progress: tqdm bar on a terminal, periodic log lines otherwise.
         desc: label of the progress output.
@@ -545,16 +320,10 @@ def evaluate_distmat_chunks(
     q_pids_np = _as_numpy_ids(q_pids, "q_pids")
     g_pids_np = _as_numpy_ids(g_pids, "g_pids")
     num_q, num_g = len(q_pids_np), len(g_pids_np)
-    q_pids_np, g_pids_np, q_camids_np, g_camids_np = _check_ids(
-        q_pids_np, g_pids_np, q_camids, g_camids, num_q, num_g
-    )
-    ap = np.full(num_q, np.nan)
-    inp = np.full(num_q, np.nan)
-    first = np.full(num_q, -1, dtype=np.int64)
-    ranker = None
-    device_ids: dict = {}
+    ids = _check_ids(q_pids_np, g_pids_np, q_camids, g_camids, num_q, num_g)
+    evaluator = _BlockEvaluator(ids, int(keep_topk), memory_budget_mb)
     done = 0
-    bar = _Progress(num_q, desc, "queries", enabled=show_progress)
+    bar = Progress(num_q, desc, "queries", enabled=show_progress, log=logger)
     try:
         for block in chunks:
             block = torch.as_tensor(block)
@@ -562,53 +331,29 @@ def evaluate_distmat_chunks(
                 raise ValueError(
                     f"distance block of shape {tuple(block.shape)}, expected [c, {num_g}]"
                 )
-            stop = done + block.shape[0]
-            if stop > num_q:
+            if done + block.shape[0] > num_q:
                 raise ValueError(f"distance blocks cover more than the {num_q} queries")
-            block = block.float()
-            device = block.device
-            if device not in device_ids:
-                device_ids[device] = (
-                    _to_device_ids(q_pids_np, device),
-                    _to_device_ids(q_camids_np, device),
-                    _to_device_ids(g_pids_np, device),
-                    _to_device_ids(g_camids_np, device),
-                )
-            qp, qc, gp, gc = device_ids[device]
-            if ranker is None or ranker.gallery.g_pids.device != device:
-                ranker = _ChunkRanker(gp, gc, memory_budget_mb)
-            b_ap, b_inp, b_first = ranker.rank(block, qp[done:stop], qc[done:stop])
-            ap[done:stop] = b_ap.cpu().numpy()
-            inp[done:stop] = b_inp.cpu().numpy()
-            first[done:stop] = b_first.cpu().numpy()
-            bar.update(stop - done)
-            done = stop
+            evaluator.add(block.float(), done)
+            done += block.shape[0]
+            bar.update(block.shape[0])
     finally:
         bar.close()
     if done != num_q:
         raise ValueError(f"distance blocks covered {done} of {num_q} queries")
-    return _summarise(ap, inp, first, min(max_rank, num_g))
+    return evaluator.result(min(max_rank, num_g))
 
 
-def _summarise(ap: np.ndarray, inp: np.ndarray, first: np.ndarray, max_rank: int) -> EvalResult:
-    valid = first > 0
-    num_valid = int(valid.sum())
-    if num_valid == 0:
-        raise ValueError(_NO_VALID_QUERY)
-    first_valid = first[valid]
-    # cmc[k - 1] = share of valid queries whose first true match is within rank k.
-    hist = np.bincount(np.minimum(first_valid, max_rank + 1), minlength=max_rank + 2)
-    cmc = np.cumsum(hist[1 : max_rank + 1]) / num_valid
-    return EvalResult(
-        cmc=cmc.astype(np.float64),
-        mAP=float(ap[valid].mean()),
-        mINP=float(inp[valid].mean()),
-        num_valid_queries=num_valid,
-        num_queries=len(first),
-        ap=ap,
-        inp=inp,
-        first_match_rank=first,
-    )
+def block_rows(num_gallery: int, memory_budget_mb: float) -> int:
+    """Query rows per distance block of the evaluator (half the budget for the dense block).
+
+    Args:
+        num_gallery: G.
+        memory_budget_mb: the evaluator's working-memory budget (MiB).
+
+    Returns:
+        Rows per block, at least 1.
+    """
+    return chunk_rows(memory_budget_mb / 2, _DENSE_BYTES_PER_PAIR * max(num_gallery, 1))
 
 
 def evaluate_distmat(
@@ -619,6 +364,7 @@ def evaluate_distmat(
     g_camids: ArrayLike,
     *,
     max_rank: int = 50,
+    keep_topk: int = 0,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = True,
 ) -> EvalResult:
@@ -631,6 +377,7 @@ def evaluate_distmat(
         q_camids: int [Q] query cameras.
         g_camids: int [G] gallery cameras.
         max_rank: CMC length; clipped to G.
+        keep_topk: per-query top-k lists to keep (see :func:`evaluate_distmat_chunks`).
         memory_budget_mb: working-memory budget (MiB).
         show_progress: progress bar or log lines.
 
@@ -640,7 +387,7 @@ def evaluate_distmat(
     distmat = torch.as_tensor(distmat)
     if distmat.ndim != 2:
         raise ValueError(f"distmat must be 2-D, got shape {tuple(distmat.shape)}")
-    rows = default_chunk_rows(distmat.shape[1], memory_budget_mb)
+    rows = block_rows(distmat.shape[1], memory_budget_mb)
     blocks = (distmat[s : s + rows] for s in range(0, distmat.shape[0], rows))
     return evaluate_distmat_chunks(
         blocks,
@@ -649,6 +396,7 @@ def evaluate_distmat(
         q_camids,
         g_camids,
         max_rank=max_rank,
+        keep_topk=keep_topk,
         memory_budget_mb=memory_budget_mb / 2,
         show_progress=show_progress,
     )
@@ -664,6 +412,7 @@ def evaluate_features(
     *,
     max_rank: int = 50,
     feat_norm: bool = True,
+    keep_topk: int = 0,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     rerank: RerankParams | None = None,
     show_progress: bool = True,
@@ -684,6 +433,8 @@ def evaluate_features(
         g_camids: int [G] gallery cameras.
         max_rank: CMC length; clipped to G.
         feat_norm: L2-normalise the features first (official TEST.FEAT_NORM).
+        keep_topk: per-query top-k lists to keep, of the distances evaluated (re-ranked ones
+            with ``rerank``); see :func:`evaluate_distmat_chunks`.
         memory_budget_mb: working memory (MiB) for distance blocks and ranking; the features
             themselves (and the re-ranking neighbour structures) come on top.
         rerank: k-reciprocal re-ranking parameters, or None for plain distances.
@@ -697,24 +448,22 @@ def evaluate_features(
     """
     if qf.device != gf.device:
         raise ValueError(f"qf on {qf.device} but gf on {gf.device}")
-    qf = _prepare_features(qf, feat_norm, "qf")
-    gf = _prepare_features(gf, feat_norm, "gf")
+    qf = prepare_features(qf, feat_norm, "qf")
+    gf = prepare_features(gf, feat_norm, "gf")
     if qf.shape[1] != gf.shape[1]:
         raise ValueError(f"feature sizes differ: qf {qf.shape[1]}, gf {gf.shape[1]}")
     if rerank is not None:
-        from utils.reranking import k_reciprocal_rerank_chunks
-
         blocks = k_reciprocal_rerank_chunks(
             qf,
             gf,
-            k1=rerank.k1,
-            k2=rerank.k2,
-            lambda_value=rerank.lambda_value,
+            rerank.k1,
+            rerank.k2,
+            rerank.lambda_value,
             memory_budget_mb=memory_budget_mb / 2,
             show_progress=show_progress,
         )
     else:
-        blocks = distance_chunks(qf, gf, default_chunk_rows(gf.shape[0], memory_budget_mb))
+        blocks = distance_chunks(qf, gf, block_rows(gf.shape[0], memory_budget_mb))
     return evaluate_distmat_chunks(
         blocks,
         q_pids,
@@ -722,6 +471,7 @@ def evaluate_features(
         q_camids,
         g_camids,
         max_rank=max_rank,
+        keep_topk=keep_topk,
         memory_budget_mb=memory_budget_mb / 2,
         show_progress=show_progress,
         desc="re-ranked evaluation" if rerank is not None else "evaluation",

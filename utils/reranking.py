@@ -29,13 +29,17 @@ neighbour list are cut in an unspecified order, as with the official (unstable) 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from utils.metrics import DEFAULT_MEMORY_BUDGET_MB, _Progress, _row_groups, distance_block
+from utils.distance import DEFAULT_MEMORY_BUDGET_MB, chunk_rows, distance_block, row_groups
+from utils.logger import Progress
+
+logger = logging.getLogger(__name__)
 
 # Bytes per item of the index arithmetic (indices, keys, permutation, values) in sparse passes.
 _ITEM_BYTES = 48
@@ -48,8 +52,10 @@ _STORED_NEIGHBOURS = 2
 class RerankParams:
     """k-reciprocal re-ranking parameters.
 
-    The defaults are the original paper values (also the official ``re_ranking`` defaults); the
-    official training processor calls it with k1=50, k2=15, lambda=0.3.
+    No defaults: the values live in one place, the config (``TEST.RE_RANKING_K1/K2/LAMBDA``:
+    50, 15, 0.3, the official training processor's), and ``build_eval_settings`` builds this
+    from it; code outside the config names its values. (The official ``re_ranking`` function
+    keeps its paper defaults 20, 6, 0.3 for compatibility.)
 
     Attributes:
         k1: size of the k-reciprocal neighbourhood.
@@ -57,9 +63,9 @@ class RerankParams:
         lambda_value: weight of the original distance in the final distance.
     """
 
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
+    k1: int
+    k2: int
+    lambda_value: float
 
     def __post_init__(self) -> None:
         _check_params(self.k1, self.k2, self.lambda_value)
@@ -144,7 +150,7 @@ def _segment_ids(lengths: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _neighbours(
-    x: torch.Tensor, sq: torch.Tensor, k: int, budget: float, show_progress: bool
+    x: torch.Tensor, sq: torch.Tensor, k: int, budget_mb: float, show_progress: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """k nearest rows of every row (self included), their distances, and the column maxima.
 
@@ -152,12 +158,12 @@ def _neighbours(
         (indices int64 [N, k], distances float32 [N, k], column maxima float32 [N]).
     """
     n = x.shape[0]
-    rows = max(1, min(n, int(budget // (n * 4 * 3))))  # block + top-k and max temporaries
+    rows = chunk_rows(budget_mb, n * 4 * 3, n)  # block + top-k and max temporaries
     knn = torch.empty(n, k, dtype=torch.int64, device=x.device)
     knn_dist = torch.empty(n, k, dtype=torch.float32, device=x.device)
     colmax = torch.full((n,), float("-inf"), device=x.device)
     buf = torch.empty(rows, n, dtype=torch.float32, device=x.device)
-    bar = _Progress(n, "re-ranking: neighbour lists", "rows", enabled=show_progress)
+    bar = Progress(n, "re-ranking: neighbour lists", "rows", enabled=show_progress, log=logger)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         dist = distance_block(x[start:stop], x, sq[start:stop], sq, buf[: stop - start])
@@ -169,11 +175,11 @@ def _neighbours(
     return knn, knn_dist, colmax
 
 
-def _reciprocal(nn: torch.Tensor, budget: float) -> torch.Tensor:
+def _reciprocal(nn: torch.Tensor, budget_mb: float) -> torch.Tensor:
     """flags[i, a] = i is among the neighbours of nn[i, a] (bool [N, K])."""
     n, k = nn.shape
     flags = torch.empty(n, k, dtype=torch.bool, device=nn.device)
-    rows = max(1, int(budget // (k * k * 9 + 1)))
+    rows = chunk_rows(budget_mb, k * k * 9 + 1)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         own = torch.arange(start, stop, device=nn.device)
@@ -187,7 +193,7 @@ def _pair_distances(
     rows: torch.Tensor,
     cols: torch.Tensor,
     known: torch.Tensor,
-    budget: float,
+    budget_mb: float,
 ) -> torch.Tensor:
     """Squared Euclidean distance of each pair (rows[p], cols[p]).
 
@@ -197,7 +203,7 @@ def _pair_distances(
     """
     out = known.clone()
     missing = torch.nonzero(torch.isnan(out), as_tuple=True)[0]
-    step = max(1, int(budget // (x.shape[1] * 4 * 3 + 64)))
+    step = chunk_rows(budget_mb, x.shape[1] * 4 * 3 + 64)
     for start in range(0, len(missing), step):
         idx = missing[start : start + step]
         r, c = rows[idx], cols[idx]
@@ -214,7 +220,7 @@ def _expanded_weights(
     knn_dist: torch.Tensor,
     k_full: int,
     k_half: int,
-    budget: float,
+    budget_mb: float,
     show_progress: bool,
 ) -> _SparseRows:
     """Rows of V: exp(-original distance) over the expanded k-reciprocal sets, summing to 1.
@@ -223,20 +229,20 @@ def _expanded_weights(
         x: float32 [N, D] features; sq: their squared norms [N]; colmax: [N] column maxima.
         knn: int64 [N, K] neighbour lists (K >= k_full >= k_half); knn_dist: their distances.
         k_full: k1 + 1 (list length of R(i, k1)); k_half: round(k1 / 2) + 1.
-        budget: working-memory budget in bytes.
+        budget_mb: working-memory budget (MiB).
         show_progress: progress output.
     """
     n, stored = knn.shape
     nn_full, nn_half = knn[:, :k_full], knn[:, :k_half]
-    recip_full, recip_half = _reciprocal(nn_full, budget), _reciprocal(nn_half, budget)
+    recip_full, recip_half = _reciprocal(nn_full, budget_mb), _reciprocal(nn_half, budget_mb)
     # Per row: membership mask, distance cache and stamps over all N columns, candidate sets.
     per_row = 9 * n + k_full * k_half * 24 + (k_full + k_full * k_half) * _ITEM_BYTES
-    rows = max(1, min(n, int(budget // per_row)))
+    rows = chunk_rows(budget_mb, per_row, n)
     member = torch.zeros(rows, n, dtype=torch.bool, device=x.device)
     cache = torch.full((rows, n), float("nan"), device=x.device)
     stamp = torch.empty(rows, n, dtype=torch.int32, device=x.device)
     lengths, all_cols, all_vals = [], [], []
-    bar = _Progress(n, "re-ranking: k-reciprocal sets", "rows", enabled=show_progress)
+    bar = Progress(n, "re-ranking: k-reciprocal sets", "rows", enabled=show_progress, log=logger)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         c = stop - start
@@ -269,7 +275,7 @@ def _expanded_weights(
         known = cache[r, col]
         cache[nb_rows, knn[start:stop]] = float("nan")
         grow = r + start
-        dist = _pair_distances(x, sq, grow, col, known, budget)
+        dist = _pair_distances(x, sq, grow, col, known, budget_mb)
         # original(i, j) = d(j, i) / max_k d(k, i); d is symmetric, so d(i, j) is used.
         weight = torch.exp(-dist / colmax[grow])
         row_sum = torch.zeros(c, dtype=torch.float32, device=x.device).index_add_(0, r, weight)
@@ -283,13 +289,14 @@ def _expanded_weights(
     )
 
 
-def _query_expansion(v: _SparseRows, nn_qe: torch.Tensor, budget: float) -> _SparseRows:
+def _query_expansion(v: _SparseRows, nn_qe: torch.Tensor, budget_mb: float) -> _SparseRows:
     """Replace each row of V by the mean of the rows of its k2 nearest neighbours."""
     n, k2 = nn_qe.shape
     row_len = v.row_lengths()
     gathered = row_len[nn_qe].sum(1)  # entries summed into each output row
     lengths, all_cols, all_vals = [], [], []
-    for start, stop in _row_groups((gathered * _ITEM_BYTES).cpu().numpy(), budget):
+    costs = (gathered * _ITEM_BYTES).cpu().numpy()
+    for start, stop in row_groups(costs, budget_mb * 2**20):
         c = stop - start
         nbrs = nn_qe[start:stop].reshape(-1)
         src = _concat_ranges(v.ptr[nbrs], row_len[nbrs])
@@ -326,9 +333,9 @@ def _gallery_columns(v: _SparseRows, num_q: int, n: int) -> _SparseRows:
 def k_reciprocal_rerank_chunks(
     qf: torch.Tensor,
     gf: torch.Tensor,
-    k1: int = 20,
-    k2: int = 6,
-    lambda_value: float = 0.3,
+    k1: int,
+    k2: int,
+    lambda_value: float,
     *,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = True,
@@ -369,7 +376,7 @@ def _shared_mass_blocks(
     columns: _SparseRows,
     num_q: int,
     num_g: int,
-    budget: float,
+    budget_mb: float,
     work: _Workspace,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Shared mass s(i, j) = sum_k min(V[i, k], V[Q + j, k]) of every query row i and gallery j.
@@ -387,7 +394,7 @@ def _shared_mass_blocks(
     pair_ptr = _ptr_from_lengths(entry_pairs)[v.ptr[: num_q + 1]]  # pairs before each row
     pairs_per_row = pair_ptr[1:] - pair_ptr[:-1]
     cost = (pairs_per_row * _ITEM_BYTES + num_g * 16).cpu().numpy()
-    for start, stop in _row_groups(cost, budget):
+    for start, stop in row_groups(cost, budget_mb * 2**20):
         c = stop - start
         a, b = int(v.ptr[start]), int(v.ptr[stop])
         lengths = entry_pairs[a:b]
@@ -411,7 +418,6 @@ def _shared_mass_blocks(
 
 
 def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress):
-    budget = memory_budget_mb * 2**20
     num_q, num_g = qf.shape[0], gf.shape[0]
     x = torch.cat([qf.detach().float(), gf.detach().float()])
     n = x.shape[0]
@@ -420,16 +426,18 @@ def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress
     k_half = min(round(k1 / 2) + 1, n)  # round() halves to even, like numpy's around
     k_qe = min(k2, n)
     stored = min(n, max(_STORED_NEIGHBOURS * k_full, k_qe))
-    knn, knn_dist, colmax = _neighbours(x, sq, stored, budget, show_progress)
-    v = _expanded_weights(x, sq, colmax, knn, knn_dist, k_full, k_half, budget, show_progress)
+    knn, knn_dist, colmax = _neighbours(x, sq, stored, memory_budget_mb, show_progress)
+    v = _expanded_weights(
+        x, sq, colmax, knn, knn_dist, k_full, k_half, memory_budget_mb, show_progress
+    )
     del knn_dist
     if k2 != 1:
-        v = _query_expansion(v, knn[:, :k_qe].contiguous(), budget)
+        v = _query_expansion(v, knn[:, :k_qe].contiguous(), memory_budget_mb)
     del knn
     columns = _gallery_columns(v, num_q, n)
     xq, xg, sq_q, sq_g = x[:num_q], x[num_q:], sq[:num_q], sq[num_q:]
     work = _Workspace(x.device)
-    for start, stop, acc in _shared_mass_blocks(v, columns, num_q, num_g, budget, work):
+    for start, stop, acc in _shared_mass_blocks(v, columns, num_q, num_g, memory_budget_mb, work):
         c = stop - start
         # Jaccard distance 1 - s / (2 - s), then the weighted sum with the original distance.
         final = work.get("final", c * num_g, torch.float32).view(c, num_g)
@@ -507,7 +515,6 @@ def jaccard_distance_sparse(
         raise ValueError(f"feats must be a non-empty [N, D] tensor, got {tuple(feats.shape)}")
     if not 0.0 < max_distance < 1.0:
         raise ValueError(f"max_distance must be in (0, 1), got {max_distance}")
-    budget = memory_budget_mb * 2**20
     x = feats.detach().float()
     n = x.shape[0]
     sq = (x * x).sum(1)
@@ -515,18 +522,20 @@ def jaccard_distance_sparse(
     k_half = min(round(k1 / 2) + 1, n)  # round() halves to even, like numpy's around
     k_qe = min(int(k2), n)
     stored = min(n, max(_STORED_NEIGHBOURS * k_full, k_qe))
-    knn, knn_dist, _ = _neighbours(x, sq, stored, budget, show_progress)
+    knn, knn_dist, _ = _neighbours(x, sq, stored, memory_budget_mb, show_progress)
     # A unit "column maximum" turns the re-ranking weights into the unscaled exp(-d).
     unit = torch.ones(n, dtype=torch.float32, device=x.device)
-    v = _expanded_weights(x, sq, unit, knn, knn_dist, k_full, k_half, budget, show_progress)
+    v = _expanded_weights(
+        x, sq, unit, knn, knn_dist, k_full, k_half, memory_budget_mb, show_progress
+    )
     del knn_dist
     if k2 != 1:
-        v = _query_expansion(v, knn[:, :k_qe].contiguous(), budget)
+        v = _query_expansion(v, knn[:, :k_qe].contiguous(), memory_budget_mb)
     del knn
     columns = _gallery_columns(v, 0, n)
     work = _Workspace(x.device)
     all_rows, all_cols, all_dists = [], [], []
-    for start, _, acc in _shared_mass_blocks(v, columns, n, n, budget, work):
+    for start, _, acc in _shared_mass_blocks(v, columns, n, n, memory_budget_mb, work):
         # Jaccard distance 1 - s / (2 - s) <= t  <=>  s >= 2 (1 - t) / (2 - t): test s first.
         keep = acc >= 2.0 * (1.0 - max_distance) / (2.0 - max_distance) - 1e-6
         r, c = torch.nonzero(keep, as_tuple=True)

@@ -1,6 +1,6 @@
-"""Drawing of ranked lists: a query tile followed by its ranked gallery tiles, with labels.
+"""Tile rendering of ranked lists: a query tile followed by its ranked gallery tiles, labelled.
 
-Shared by ``tools/search.py`` (search results) and ``processor/visualize.py`` (evaluation
+Shared by ``tools/search.py`` (search results) and ``processor/ranked_lists.py`` (evaluation
 ranked lists, where each gallery tile is framed green for a true match and red otherwise).
 """
 

@@ -1,4 +1,4 @@
-"""Ranked-list visualisation of evaluation results: ranking, AP, selection, pictures, end to end."""
+"""Ranked lists of evaluation results: the evaluator's top-k, AP, selection, pictures, e2e run."""
 
 import json
 
@@ -9,10 +9,11 @@ from PIL import Image
 
 import test_clipreid
 import train_clipreid
-from processor.visualize import rank_topk, select_queries, write_ranked_lists
+from processor.evaluate import EvalSettings, FeatureSet
+from processor.ranked_lists import select_queries, write_ranked_lists
 from tests.conftest import tiny_run_opts as _opts
+from utils.drawing import GAP, LABEL_H
 from utils.metrics import evaluate_features
-from utils.visualize import GAP, LABEL_H
 
 
 def _problem(seed=0, num_q=12, num_g=40, dim=16, num_ids=6, num_cams=3):
@@ -59,15 +60,37 @@ def _images(tmp_path, prefix, n):
     return paths
 
 
+def _topk(qf, gf, q_pids, g_pids, q_cams, g_cams, k, feat_norm=True, **kwargs):
+    """The evaluator's per-query top-k, as (indices, distances) lists cut at the list's end."""
+    result = evaluate_features(
+        torch.as_tensor(qf),
+        torch.as_tensor(gf),
+        q_pids,
+        g_pids,
+        q_cams,
+        g_cams,
+        feat_norm=feat_norm,
+        keep_topk=k,
+        show_progress=False,
+        **kwargs,
+    )
+    assert result.topk_indices.shape == result.topk_distances.shape == (len(qf), k)
+    out = []
+    for idx, dist in zip(result.topk_indices, result.topk_distances, strict=True):
+        listed = idx >= 0
+        assert listed.tolist() == sorted(listed.tolist(), reverse=True)  # padding at the end only
+        assert np.isinf(dist[~listed]).all()
+        out.append((idx[listed], dist[listed]))
+    return out
+
+
 @pytest.mark.parametrize("feat_norm", [True, False])
 def test_topk_equals_brute_force_market_protocol(feat_norm):
     qf, gf, q_pids, g_pids, q_cams, g_cams = _problem()
     k = 7
     q, g = torch.tensor(qf, dtype=torch.float32), torch.tensor(gf, dtype=torch.float32)
-    if feat_norm:
-        q, g = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1)
     # A tiny budget forces one query row per chunk.
-    got = rank_topk(q, g, q_pids, g_pids, q_cams, g_cams, k, memory_budget_mb=1e-4)
+    got = _topk(q, g, q_pids, g_pids, q_cams, g_cams, k, feat_norm, memory_budget_mb=1e-4)
     want = _brute_force(qf, gf, q_pids, g_pids, q_cams, g_cams, feat_norm)
     assert len(got) == len(qf)
     for (gi, gd), (wi, wd) in zip(got, want, strict=True):
@@ -82,7 +105,7 @@ def test_ties_ranked_by_gallery_index_and_short_lists():
     g_pids = np.array([0, 1, 2, 0, 3, 1])
     g_cams = np.array([0, 0, 1, 1, 0, 0])
     q_pids, q_cams = np.array([0, 1]), np.array([0, 0])
-    got = rank_topk(torch.tensor(qf), torch.tensor(gf), q_pids, g_pids, q_cams, g_cams, topk=10)
+    got = _topk(qf, gf, q_pids, g_pids, q_cams, g_cams, 10, feat_norm=False)
     want = _brute_force(qf, gf, q_pids, g_pids, q_cams, g_cams, feat_norm=False)
     # Query 0 loses gallery item 0 (same pid and camera), query 1 loses items 1 and 5.
     np.testing.assert_array_equal(got[0][0], [2, 4, 3, 1, 5])
@@ -91,27 +114,49 @@ def test_ties_ranked_by_gallery_index_and_short_lists():
         np.testing.assert_array_equal(gi, wi)
 
 
+def _sets(qf, gf, q_pids, g_pids, q_cams, g_cams, q_paths, g_paths):
+    def one(feats, pids, cams, paths):
+        feats = torch.tensor(feats, dtype=torch.float32)
+        return FeatureSet(feats, pids, cams, np.zeros(len(pids), dtype=np.int64), paths)
+
+    return one(qf, q_pids, q_cams, q_paths), one(gf, g_pids, g_cams, g_paths)
+
+
+def _settings(**kwargs):
+    base = dict(feat_norm=True, max_rank=50, memory_mb=64, rerank=None)
+    base.update(amp_dtype="fp32")
+    return EvalSettings(**{**base, **kwargs})
+
+
 def test_written_lists_ap_selection_flags_and_pictures(tmp_path):
     qf, gf, q_pids, g_pids, q_cams, g_cams = _problem(seed=3)
     q_paths, g_paths = _images(tmp_path, "q", len(qf)), _images(tmp_path, "g", len(gf))
+    query, gallery = _sets(qf, gf, q_pids, g_pids, q_cams, g_cams, q_paths, g_paths)
     k, n, tile = 5, 4, (32, 16)
     out_dir = tmp_path / "ranked"
-    saved = write_ranked_lists(
-        torch.tensor(qf, dtype=torch.float32),
-        torch.tensor(gf, dtype=torch.float32),
+    result = evaluate_features(
+        query.feats,
+        gallery.feats,
         q_pids,
         g_pids,
         q_cams,
         g_cams,
-        q_paths,
-        g_paths,
+        keep_topk=k,
+        show_progress=False,
+    )
+    saved = write_ranked_lists(
+        query,
+        gallery,
+        result,
         str(out_dir),
-        topk=k,
+        _settings(),
         num_queries=n,
         select="worst",
         tile_size=tile,
     )
     assert json.loads((out_dir / "ranked_lists.json").read_text()) == saved
+    assert saved["topk"] == k and saved["feat_norm"] is True and saved["re_ranking"] is False
+    assert (saved["num_queries"], saved["num_gallery"]) == (len(qf), len(gf))
     want = _brute_force(qf, gf, q_pids, g_pids, q_cams, g_cams)
     brute = [_brute_ap(order, g_pids, q_pids[qi]) for qi, (order, _) in enumerate(want)]
     brute_ap = np.array([a for a, _ in brute])
@@ -119,7 +164,6 @@ def test_written_lists_ap_selection_flags_and_pictures(tmp_path):
         torch.tensor(qf), torch.tensor(gf), q_pids, g_pids, q_cams, g_cams, show_progress=False
     ).ap
     np.testing.assert_allclose(metrics_ap, brute_ap, rtol=1e-12, equal_nan=True)
-
     entries = saved["queries"]
     assert len(entries) == n
     chosen = [e["query_index"] for e in entries]
@@ -161,6 +205,18 @@ def test_written_lists_ap_selection_flags_and_pictures(tmp_path):
                 assert (g > r) == hit["match"], (e["image"], col)
 
 
+def test_writer_needs_the_evaluators_topk(tmp_path):
+    qf, gf, q_pids, g_pids, q_cams, g_cams = _problem(seed=4)
+    paths_q, paths_g = [f"q{i}.png" for i in range(len(qf))], [f"g{i}.png" for i in range(len(gf))]
+    query, gallery = _sets(qf, gf, q_pids, g_pids, q_cams, g_cams, paths_q, paths_g)
+    result = evaluate_features(
+        query.feats, gallery.feats, q_pids, g_pids, q_cams, g_cams, show_progress=False
+    )
+    with pytest.raises(ValueError, match="keep_topk"):
+        write_ranked_lists(query, gallery, result, str(tmp_path), _settings())
+    assert not any(tmp_path.iterdir())
+
+
 def test_select_modes():
     ap = np.array([0.5, np.nan, 0.1, 0.9, 0.1, 0.7])
     np.testing.assert_array_equal(select_queries(ap, 3, "worst"), [2, 4, 0])
@@ -189,6 +245,11 @@ def test_end_to_end_test_script_writes_ranked_lists(tmp_path):
     assert len(pngs) == 3 and len(saved["queries"]) == 3
     assert sorted(q["image"] for q in saved["queries"]) == [p.name for p in pngs]
     h, w = 64, 32  # INPUT.SIZE_TEST of _opts
+    # The writer reports the evaluation's own results: same valid-query count, worst APs first.
+    metrics = json.loads((test_out / "test_metrics.json").read_text())
+    assert saved["num_valid_queries"] == metrics["num_valid_queries"]
+    aps = [q["ap"] for q in saved["queries"]]
+    assert aps == sorted(aps) and np.mean(aps) <= metrics["mAP"]
     for q in saved["queries"]:
         assert len(q["ranked"]) == 4
         with Image.open(ranked / q["image"]) as img:
