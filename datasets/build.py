@@ -11,55 +11,26 @@ import torch
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
-from datasets.bases import (
-    DatasetOptions,
-    ImageDataset,
-    ImageRecord,
-    Layout,
-    ReIDDataset,
-    closest_name,
-    collate_batch,
-    combine_datasets,
-)
-from datasets.custom import CSV, FOLDER
-from datasets.dukemtmc import DUKEMTMC, OCC_DUKE
-from datasets.market1501 import MARKET1501
-from datasets.msmt17 import MSMT17
+# isort: off
+# The dataset files register their layouts in DATASETS when imported, in this order (the order
+# DATASETS.NAMES errors list them in).
+import datasets.market1501  # noqa: F401
+import datasets.msmt17  # noqa: F401
+import datasets.dukemtmc  # noqa: F401
+import datasets.veri  # noqa: F401
+import datasets.vehicleid  # noqa: F401
+import datasets.custom  # noqa: F401
+import datasets.synthetic  # noqa: F401
+
+# isort: on
+from datasets.bases import ImageRecord, ReIDDataset, combine_datasets
+from datasets.image_dataset import ImageDataset, collate_batch
+from datasets.layouts import DatasetOptions, get_layout
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
-from datasets.synthetic import SYNTHETIC
 from datasets.transforms import build_transforms
-from datasets.vehicleid import VEHICLEID
-from datasets.veri import VERI
 from utils.dist import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
-
-DATASET_LAYOUTS: dict[str, Layout] = {
-    layout.name: layout
-    for layout in (MARKET1501, MSMT17, DUKEMTMC, OCC_DUKE, VERI, VEHICLEID, FOLDER, CSV, SYNTHETIC)
-}
-
-
-def get_layout(name: str) -> Layout:
-    """Look up a dataset layout by its ``DATASETS.NAMES`` entry.
-
-    Args:
-        name: dataset name (case-sensitive, as the official names).
-
-    Returns:
-        The layout.
-
-    Raises:
-        ValueError: an unknown name; the message lists the valid ones and the closest.
-    """
-    if name in DATASET_LAYOUTS:
-        return DATASET_LAYOUTS[name]
-    near = closest_name(name, list(DATASET_LAYOUTS))
-    hint = f" Did you mean {near!r}?" if near else ""
-    raise ValueError(
-        f"unknown dataset {name!r} in DATASETS.NAMES.{hint} Valid names: "
-        f"{', '.join(DATASET_LAYOUTS)}"
-    )
 
 
 def dataset_options(cfg: CfgNode) -> DatasetOptions:
@@ -188,8 +159,6 @@ class DataBundle:
         num_trials: evaluation trials to average (VehicleID: ``TEST.VEHICLEID_TRIALS``, else 1).
         dataset: the combined dataset (train of all, query/gallery of the first).
         datasets: the parsed datasets in ``DATASETS.NAMES`` order.
-        train_indices: ``train`` index of every record of ``train_stage2`` (all of them until
-            :meth:`set_train_labels` selects a labelled subset).
     """
 
     train_stage1: DataLoader
@@ -203,25 +172,7 @@ class DataBundle:
     num_trials: int
     dataset: ReIDDataset
     datasets: list[ReIDDataset]
-    _make_val: Callable[[ReIDDataset], DataLoader] = field(repr=False)
     _make_train: Callable[[list[ImageRecord]], DataLoader] = field(repr=False)
-
-    def val_for_trial(self, trial: int) -> DataLoader:
-        """The val loader of one evaluation trial (VehicleID: a new random gallery per trial).
-
-        The query count ``num_query`` is the same in every trial (one gallery image per id).
-
-        Args:
-            trial: 0..num_trials-1; trial 0 is ``val``.
-
-        Returns:
-            A loader of the trial's query then gallery images.
-        """
-        if trial == 0 or not self.dataset.has_trials:
-            return self.val
-        return self._make_val(self.dataset.for_trial(trial))
-
-    train_indices: np.ndarray | None = None
 
     def set_train_labels(self, indices: Sequence[int], labels: Sequence[int]) -> DataLoader:
         """Train stage 2 on a subset of the train set with new labels (e.g. cluster pseudo labels).
@@ -255,16 +206,7 @@ class DataBundle:
         pairs = zip(idx.tolist(), lab.tolist(), strict=True)
         records = [train[i]._replace(pid=int(p)) for i, p in pairs]
         self.train_stage2 = self._make_train(records)
-        self.train_indices = idx
         return self.train_stage2
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the stage-2 batches (same as the batch sampler's ``set_epoch``).
-
-        Args:
-            epoch: the training loop's epoch counter.
-        """
-        self.train_stage2.batch_sampler.set_epoch(epoch)
 
 
 def _loader_kwargs(num_workers: int, seed: int, persistent: bool) -> dict:
@@ -380,18 +322,17 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
         **_loader_kwargs(workers, seed + 2, persistent=False),
     )
 
-    def make_val(ds: ReIDDataset) -> DataLoader:
-        return DataLoader(
-            ImageDataset(ds.query + ds.gallery, test_tf, skip),
-            batch_size=int(cfg.TEST.IMS_PER_BATCH),
-            shuffle=False,
-            **_loader_kwargs(workers, seed + 3, persistent=False),
-        )
+    val = DataLoader(
+        ImageDataset(dataset.query + dataset.gallery, test_tf, skip),
+        batch_size=int(cfg.TEST.IMS_PER_BATCH),
+        shuffle=False,
+        **_loader_kwargs(workers, seed + 3, persistent=False),
+    )
 
     return DataBundle(
         train_stage1=train_stage1,
         train_stage2=train_stage2,
-        val=make_val(dataset),
+        val=val,
         train_eval=train_eval,
         num_classes=dataset.num_train_pids,
         num_cameras=dataset.num_cameras,
@@ -400,7 +341,5 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
         num_trials=int(cfg.TEST.VEHICLEID_TRIALS) if dataset.has_trials else 1,
         dataset=dataset,
         datasets=parts,
-        _make_val=make_val,
         _make_train=make_train,
-        train_indices=np.arange(len(dataset.train), dtype=np.int64),
     )

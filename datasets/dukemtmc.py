@@ -7,19 +7,24 @@ so that the view vocabulary (size 1) indexes it.
 
 import dataclasses
 
-from datasets.bases import PID_CAM_PATTERN, NamePatternLayout
+from datasets.bases import PID_CAM_PATTERN
+from datasets.layouts import NamePatternLayout, register_dataset
 
-DUKEMTMC = NamePatternLayout(
-    name="dukemtmc",
-    dataset_dirs=("dukemtmcreid/DukeMTMC-reID", "DukeMTMC-reID"),
-    train_dir="bounding_box_train",
-    query_dir="query",
-    gallery_dir="bounding_box_test",
-    pattern=PID_CAM_PATTERN,
-    num_cameras=8,
-    example_name="0001_c2_f0046182.jpg",
+DUKEMTMC = register_dataset(
+    NamePatternLayout(
+        name="dukemtmc",
+        dataset_dirs=("dukemtmcreid/DukeMTMC-reID", "DukeMTMC-reID"),
+        train_dir="bounding_box_train",
+        query_dir="query",
+        gallery_dir="bounding_box_test",
+        pattern=PID_CAM_PATTERN,
+        num_cameras=8,
+        example_name="0001_c2_f0046182.jpg",
+    )
 )
 
-OCC_DUKE = dataclasses.replace(
-    DUKEMTMC, name="occ_duke", dataset_dirs=("dukemtmcreid/Occluded_Duke", "Occluded_Duke")
+OCC_DUKE = register_dataset(
+    dataclasses.replace(
+        DUKEMTMC, name="occ_duke", dataset_dirs=("dukemtmcreid/Occluded_Duke", "Occluded_Duke")
+    )
 )

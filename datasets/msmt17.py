@@ -7,7 +7,8 @@ Folder layout: ``bounding_box_train``, ``query``, ``bounding_box_test`` with ``<
 names (MSMT17_V2 conversions).
 """
 
-from datasets.bases import PID_CAM_PATTERN, LayoutChoice, NamePatternLayout, PidListLayout
+from datasets.bases import PID_CAM_PATTERN
+from datasets.layouts import LayoutChoice, NamePatternLayout, PidListLayout, register_dataset
 
 _DIRS = ("MSMT17", "MSMT17_V1", "MSMT17_V2")
 
@@ -34,4 +35,6 @@ MSMT17_FOLDERS = NamePatternLayout(
     example_name="0000_c1_0000.jpg",
 )
 
-MSMT17 = LayoutChoice(name="msmt17", dataset_dirs=_DIRS, layouts=(MSMT17_LISTS, MSMT17_FOLDERS))
+MSMT17 = register_dataset(
+    LayoutChoice(name="msmt17", dataset_dirs=_DIRS, layouts=(MSMT17_LISTS, MSMT17_FOLDERS))
+)

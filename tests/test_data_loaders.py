@@ -1,16 +1,30 @@
-"""build_dataloaders: the bundle, batch format, P x K batches, repeatability, VehicleID trials."""
+"""build_dataloaders: the bundle, batch format, P x K batches, repeatability, VehicleID trials,
+a user-registered dataset format."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from configs.config import load_cfg
 from configs.defaults import get_cfg_defaults
-from datasets.build import build_dataloaders
+from datasets import (
+    DATASETS,
+    DatasetOptions,
+    ImageRecord,
+    Layout,
+    ReIDDataset,
+    UnknownDatasetError,
+    get_layout,
+    register_dataset,
+)
+from datasets.build import build_dataloaders, build_datasets
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
 
 
@@ -40,7 +54,7 @@ def test_bundle_fields_and_batch_format(root):
     b = build_dataloaders(synthetic_cfg(root))
     # 8 ids: 4 train, 4 test; 2 cameras; 3 images per id and camera; 2 distractors
     assert (b.num_classes, b.num_cameras, b.num_views, b.num_query) == (4, 2, 1, 8)
-    assert b.num_trials == 1 and b.val_for_trial(3) is b.val
+    assert b.num_trials == 1 and b.dataset.for_trial(3) is b.dataset
     assert len(b.dataset.train) == 24 and len(b.datasets) == 1
     val_records = b.val.dataset.records
     assert val_records == b.dataset.query + b.dataset.gallery and len(val_records) == 8 + 16 + 2
@@ -74,7 +88,7 @@ def test_epochs_replay_independent_of_workers(root):
         assert not b.val.persistent_workers
         epochs = []
         for epoch in (1, 2, 1):
-            b.set_epoch(epoch)
+            b.train_stage2.batch_sampler.set_epoch(epoch)
             epochs.append([(x["paths"], x["images"]) for x in b.train_stage2])
         runs.append(epochs)
     for epochs in runs:
@@ -95,7 +109,7 @@ def test_softmax_sampler_is_a_seeded_shuffle(root):
     assert sorted(i.index for batch in sampler for i in batch) == list(range(24))
 
 
-def test_vehicleid_val_for_trial(tmp_path):
+def test_vehicleid_trials(tmp_path):
     d = tmp_path / "VehicleID_V1.0"
     (d / "image").mkdir(parents=True)
     (d / "train_test_split").mkdir()
@@ -119,16 +133,87 @@ def test_vehicleid_val_for_trial(tmp_path):
     assert b.num_trials == 6 and b.num_query == 4 and b.num_cameras == 1
     galleries = []
     for t in range(6):
-        loader = b.val_for_trial(t)
-        recs = loader.dataset.records
-        query, gallery = recs[: b.num_query], recs[b.num_query :]
+        split = b.dataset.for_trial(t)
+        query, gallery = split.query, split.gallery
         assert sorted(r.pid for r in gallery) == [3, 4] and len(query) == 4
         galleries.append(tuple(r.path for r in gallery))
-    assert b.val_for_trial(0) is b.val
+        assert [r.camid for r in query + gallery] == [0, 0, 0, 0, 1, 1]
+    assert b.val.dataset.records == b.dataset.for_trial(0).query + b.dataset.for_trial(0).gallery
     assert len(set(galleries)) > 1
     again = build_dataloaders(cfg)
-    assert [
-        tuple(r.path for r in again.val_for_trial(t).dataset.records[4:]) for t in range(6)
-    ] == (galleries)
-    batch = next(iter(b.val_for_trial(2)))
+    assert [tuple(r.path for r in again.dataset.for_trial(t).gallery) for t in range(6)] == (
+        galleries
+    )
+    batch = next(iter(b.val))
     assert batch["camids"].tolist() == [0, 0, 0, 0, 1, 1]
+
+
+@dataclass(frozen=True)
+class ToyLayout(Layout):
+    """A user format the package does not know: ``<dir>/<split>/id<pid>-cam<camera>-<n>.png``."""
+
+    def required(self, options: DatasetOptions) -> list[str]:
+        return ["train", "query", "gallery"]
+
+    def tree(self, options: DatasetOptions) -> list[tuple[int, str, str]]:
+        return [(1, f"{s}/", "id<pid>-cam<camera>-<n>.png") for s in ("train", "query", "gallery")]
+
+    def load(self, root, options: DatasetOptions) -> ReIDDataset:
+        folder = self.find(root, options)
+        splits = {}
+        for split in ("train", "query", "gallery"):
+            splits[split] = []
+            for path in sorted((folder / split).iterdir()):
+                pid, cam, _ = re.fullmatch(r"id(\d+)-cam(\d+)-(\d+)\.png", path.name).groups()
+                splits[split].append(ImageRecord(str(path), int(pid), int(cam), 0))
+        train = splits["train"]
+        relabel = {p: i for i, p in enumerate(sorted({r.pid for r in train}))}
+        train = [r._replace(pid=relabel[r.pid]) for r in train]
+        return ReIDDataset(self.name, train, splits["query"], splits["gallery"], root=str(folder))
+
+
+def test_user_registered_layout_loads_through_the_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(DATASETS, "_items", dict(DATASETS._items))  # registry restored afterwards
+    d = tmp_path / "ToyData"
+    names = {
+        "train": [(7, 0, 0), (7, 1, 1), (9, 0, 2), (9, 1, 3), (12, 0, 4), (12, 1, 5)],
+        "query": [(20, 0, 0), (21, 1, 1)],
+        "gallery": [(20, 1, 2), (21, 0, 3), (22, 0, 4)],
+    }
+    for split, items in names.items():
+        (d / split).mkdir(parents=True)
+        for pid, cam, n in items:
+            Image.new("RGB", (8, 16), (pid * 10, cam * 100, n)).save(
+                d / split / f"id{pid}-cam{cam}-{n}.png"
+            )
+    opts = [
+        "DATASETS.NAMES", "['toy']", "DATASETS.ROOT_DIR", str(tmp_path),
+        "INPUT.SIZE_TRAIN", "[16, 8]", "INPUT.SIZE_TEST", "[16, 8]",
+        "DATALOADER.NUM_WORKERS", "0", "DATALOADER.NUM_INSTANCE", "2",
+        "SOLVER.STAGE2.IMS_PER_BATCH", "4",
+    ]  # fmt: skip
+    with pytest.raises(UnknownDatasetError, match="DATASETS.NAMES = 'toy'"):
+        build_dataloaders(load_cfg(None, opts, freeze=False))
+
+    layout = register_dataset(ToyLayout(name="toy", dataset_dirs=("ToyData",)))
+    assert "toy" in DATASETS.names() and get_layout("toy") is layout
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset(ToyLayout(name="toy", dataset_dirs=("Elsewhere",)))
+    assert register_dataset(layout, overwrite=True) is layout
+
+    cfg = load_cfg(None, opts)
+    dataset, _ = build_datasets(cfg)
+    # train pids 7, 9, 12 -> 0, 1, 2 (file names sort 'id12' first); camids as written
+    expected = [(2, 0), (2, 1), (0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(r.pid, r.camid) for r in dataset.train] == expected
+    b = build_dataloaders(cfg)
+    assert (b.num_classes, b.num_cameras, b.num_query) == (3, 2, 2)
+    assert [r.path for r in b.val.dataset.records] == [
+        str(d / s / f"id{p}-cam{c}-{n}.png") for s in ("query", "gallery") for p, c, n in names[s]
+    ]
+    batch = next(iter(b.train_stage2))
+    by_path = {r.path: r.pid for r in dataset.train}
+    assert [by_path[p] for p in batch["paths"]] == batch["pids"].tolist()
+    assert sorted(Counter(batch["pids"].tolist()).values()) == [2, 2]
+    val = next(iter(b.val))
+    assert val["pids"].tolist()[:5] == [20, 21, 20, 21, 22]

@@ -15,14 +15,14 @@ from datasets.bases import (
     CorruptImageError,
     DatasetFormatError,
     DatasetLayoutError,
-    DatasetOptions,
-    ImageDataset,
     ImageRecord,
     SplitStats,
 )
 from datasets.build import build_datasets, get_layout
 from datasets.custom import CSV, FOLDER
 from datasets.dukemtmc import DUKEMTMC, OCC_DUKE
+from datasets.image_dataset import ImageDataset
+from datasets.layouts import DatasetOptions
 from datasets.market1501 import MARKET1501
 from datasets.msmt17 import MSMT17
 from datasets.vehicleid import VEHICLEID
@@ -425,7 +425,8 @@ def test_unknown_name_lists_valid_names_and_closest():
     with pytest.raises(ValueError) as err:
         get_layout("Market1501x")
     msg = str(err.value)
-    assert "Did you mean 'market1501'" in msg
+    assert isinstance(err.value, KeyError)  # the registry's UnknownNameError, also a ValueError
+    assert "DATASETS.NAMES = 'Market1501x'" in msg and "did you mean 'market1501'" in msg
     assert all(n in msg for n in ("msmt17", "occ_duke", "VehicleID", "folder", "csv", "synthetic"))
     with pytest.raises(ValueError, match="'VehicleID'"):
         get_layout("vehicleid")
