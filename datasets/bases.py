@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +32,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 SPLITS = ("train", "query", "gallery")
 # Market-1501 / DukeMTMC / VeRi style names: "<pid>_c<camera>..." at the start of the file name.
 PID_CAM_PATTERN = r"([-\d]+)_c(\d+)"
+# Parsing warnings carry ``extra={ISSUE: <kind>}`` so that a checker (tools/check_dataset.py) can
+# sort the warnings of a load by kind without reading their text.
+ISSUE = "dataset_issue"
+ISSUE_FILE_NAME = "file_name"  # an image skipped because its name does not fit the layout
+ISSUE_NON_IMAGE = "non_image"  # a non-image file in an image folder, skipped
+ISSUE_EVALUATION = "evaluation"  # an evaluation caveat (query without gallery match, ...)
+# How many file names a warning or error lists before '...'.
+MAX_LISTED = 10
 
 
 class ImageRecord(NamedTuple):
@@ -76,7 +84,18 @@ class DatasetFormatError(ValueError):
 
 
 class CorruptImageError(RuntimeError):
-    """An image file cannot be read or decoded; the message names the file."""
+    """An image file cannot be read or decoded; the message names the file.
+
+    Args:
+        message: the full message.
+        path: the file ('' when the error is about several files).
+        reason: why it cannot be read, in a few words.
+    """
+
+    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
 
 
 class UnknownDatasetError(UnknownNameError, ValueError):
@@ -162,6 +181,26 @@ class ReIDDataset:
         query, gallery = split_one_gallery_per_id(self.test_pool, self.trial_seed, trial)
         return dataclasses.replace(self, query=query, gallery=gallery)
 
+    def without_images(self, paths: Collection[str]) -> ReIDDataset:
+        """This dataset with the query, gallery and test-pool records of ``paths`` left out.
+
+        Args:
+            paths: image paths to leave out of the evaluation (train records are kept).
+
+        Returns:
+            A copy; for a dataset with trials, trial 0 is drawn again from the reduced pool.
+        """
+        drop = set(paths)
+
+        def keep(records: list[ImageRecord]) -> list[ImageRecord]:
+            return [r for r in records if r.path not in drop]
+
+        if self.test_pool is not None:
+            pool = keep(self.test_pool)
+            query, gallery = split_one_gallery_per_id(pool, self.trial_seed, 0)
+            return dataclasses.replace(self, query=query, gallery=gallery, test_pool=pool)
+        return dataclasses.replace(self, query=keep(self.query), gallery=keep(self.gallery))
+
     def statistics(self) -> dict[str, SplitStats]:
         """Per-split counts.
 
@@ -208,17 +247,53 @@ def relabel_train(records: Iterable[ImageRecord]) -> list[ImageRecord]:
     return [r._replace(pid=mapping[r.pid]) for r in records]
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name.
+def list_images(folder: Path, dataset: str, skipped: list[Path] | None = None) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name; other files are skipped.
 
     Args:
         folder: a directory.
+        dataset: dataset name, for the warning.
+        skipped: receives the skipped files when given (the caller reports them, e.g. once for
+            many folders); otherwise they are counted in one warning (:func:`warn_skipped_files`).
 
     Returns:
-        Sorted paths with an image extension (case-insensitive).
+        Sorted paths with an image extension (case-insensitive). Sub-folders are not listed.
     """
-    return sorted(
-        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    images: list[Path] = []
+    others: list[Path] = []
+    for p in folder.iterdir():
+        if p.is_file():
+            (images if p.suffix.lower() in IMAGE_EXTENSIONS else others).append(p)
+    if skipped is not None:
+        skipped.extend(others)
+    else:
+        warn_skipped_files(dataset, folder, others)
+    return sorted(images)
+
+
+def warn_skipped_files(dataset: str, folder: Path, files: Sequence[Path], why: str = "") -> None:
+    """Log one warning counting the files skipped in ``folder`` (nothing if none).
+
+    Args:
+        dataset: dataset name.
+        folder: the folder they were found in (examples are named relative to it).
+        files: the skipped files.
+        why: the reason; default: not an image extension.
+    """
+    if not files:
+        return
+    why = why or f"not images (extension not one of {' '.join(IMAGE_EXTENSIONS)})"
+    names = sorted(
+        str(p.relative_to(folder)) if p.is_relative_to(folder) else p.name for p in files
+    )
+    logger.warning(
+        "%s: %d file(s) in %s skipped: %s; e.g. %s",
+        dataset,
+        len(names),
+        folder,
+        why,
+        ", ".join(names[:3]),
+        extra={ISSUE: ISSUE_NON_IMAGE},
     )
 
 
@@ -246,7 +321,7 @@ def parse_name_pattern_dir(
     """
     records: list[ImageRecord] = []
     unmatched: list[str] = []
-    for path in list_images(folder):
+    for path in list_images(folder, dataset):
         m = pattern.match(path.name)
         if m is None:
             unmatched.append(path.name)
@@ -262,12 +337,13 @@ def parse_name_pattern_dir(
         records.append(ImageRecord(str(path), pid, cam - 1, view))
     if unmatched:
         logger.warning(
-            "%s: %d file(s) in %s do not match the name pattern '%s' and were skipped (e.g. %s)",
+            "%s: %d image(s) in %s do not match the name pattern '%s' and were skipped, e.g. %s",
             dataset,
             len(unmatched),
             folder,
             pattern.pattern,
-            unmatched[0],
+            ", ".join(unmatched[:3]),
+            extra={ISSUE: ISSUE_FILE_NAME},
         )
     return records
 

@@ -23,8 +23,16 @@ import datasets.custom  # noqa: F401
 import datasets.synthetic  # noqa: F401
 
 # isort: on
-from datasets.bases import ImageRecord, ReIDDataset, combine_datasets
-from datasets.image_dataset import ImageDataset, collate_batch
+from datasets.bases import (
+    ISSUE,
+    ISSUE_EVALUATION,
+    MAX_LISTED,
+    CorruptImageError,
+    ImageRecord,
+    ReIDDataset,
+    combine_datasets,
+)
+from datasets.image_dataset import ImageDataset, check_images_readable, collate_batch
 from datasets.layouts import DatasetOptions, get_layout
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
 from datasets.transforms import build_transforms
@@ -91,6 +99,7 @@ def check_dataset(dataset: ReIDDataset) -> None:
             dataset.name,
             len(missing),
             n_img,
+            extra={ISSUE: ISSUE_EVALUATION},
         )
     if dataset.has_camera_ids:
         train_cams = {r.camid for r in dataset.train}
@@ -101,6 +110,7 @@ def check_dataset(dataset: ReIDDataset) -> None:
                 "embeddings (MODEL.SIE_CAMERA) would stay untrained",
                 dataset.name,
                 unseen,
+                extra={ISSUE: ISSUE_EVALUATION},
             )
 
 
@@ -125,6 +135,59 @@ def build_datasets(cfg: CfgNode) -> tuple[ReIDDataset, list[ReIDDataset]]:
         logger.info("%s", dataset.format_statistics())
     check_dataset(dataset)
     return dataset, parts
+
+
+def check_eval_images(dataset: ReIDDataset, skip_corrupt: bool) -> ReIDDataset:
+    """Check that every query/gallery image can be read, before a run spends time on training.
+
+    Uses the cheap header check of :func:`~datasets.image_dataset.check_images_readable`
+    (about 2 s for 20k small JPEGs). An unreadable evaluation image is never replaced by another
+    one (that would evaluate the replacement as the original): it fails the run, or with
+    ``skip_corrupt`` is left out of the query/gallery (and VehicleID test pool), each logged.
+
+    Args:
+        dataset: the (combined) dataset; its query/gallery are the evaluated ones.
+        skip_corrupt: ``DATASETS.SKIP_CORRUPT``.
+
+    Returns:
+        ``dataset`` itself when every image is readable, else a copy without the unreadable ones.
+
+    Raises:
+        CorruptImageError: unreadable images and not ``skip_corrupt``; names the first ones.
+    """
+    records = (
+        dataset.test_pool if dataset.test_pool is not None else dataset.query + dataset.gallery
+    )
+    bad = check_images_readable(records, f"{dataset.name} query/gallery")
+    if not bad:
+        return dataset
+    listed = "\n".join(f"  {b.path}: {b.reason}" for b in bad[:MAX_LISTED])
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    if not skip_corrupt:
+        raise CorruptImageError(
+            f"{dataset.name}: {len(bad)} query/gallery image(s) cannot be read:\n{listed}{more}\n"
+            "Replace or delete them, or set DATASETS.SKIP_CORRUPT True to leave them out of the "
+            "evaluation (python -m tools.check_dataset reports every problem of a dataset)."
+        )
+    for b in bad[:MAX_LISTED]:
+        logger.warning(
+            "%s: unreadable query/gallery image left out of the evaluation: %s (%s)",
+            dataset.name,
+            b.path,
+            b.reason,
+        )
+    reduced = dataset.without_images(b.path for b in bad)
+    logger.warning(
+        "%s: %d unreadable query/gallery image(s) left out of the evaluation "
+        "(DATASETS.SKIP_CORRUPT): query %d -> %d images, gallery %d -> %d images",
+        dataset.name,
+        len(bad),
+        len(dataset.query),
+        len(reduced.query),
+        len(dataset.gallery),
+        len(reduced.gallery),
+    )
+    return reduced
 
 
 def seed_worker(worker_id: int) -> None:
@@ -278,7 +341,10 @@ def build_train_sampler(
 
 
 def build_dataloaders(cfg: CfgNode) -> DataBundle:
-    """Parse the datasets and build every loader of a run.
+    """Parse the datasets, check the evaluation images and build every loader of a run.
+
+    Every query/gallery image is checked for readability first (:func:`check_eval_images`), so
+    a broken evaluation image stops the run here rather than after training.
 
     Args:
         cfg: configuration (DATASETS, INPUT, DATALOADER, SOLVER.SEED, SOLVER.STAGE1/2
@@ -286,10 +352,14 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
 
     Returns:
         The :class:`DataBundle`.
+
+    Raises:
+        CorruptImageError: an unreadable query/gallery image without ``DATASETS.SKIP_CORRUPT``.
     """
     dataset, parts = build_datasets(cfg)
-    train_tf, test_tf = build_transforms(cfg)
     skip = bool(cfg.DATASETS.SKIP_CORRUPT)
+    dataset = check_eval_images(dataset, skip)
+    train_tf, test_tf = build_transforms(cfg)
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     seed = int(cfg.SOLVER.SEED)
     train_test = ImageDataset(dataset.train, test_tf, skip)
@@ -322,8 +392,8 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
         **_loader_kwargs(workers, seed + 2, persistent=False),
     )
 
-    val = DataLoader(
-        ImageDataset(dataset.query + dataset.gallery, test_tf, skip),
+    val = DataLoader(  # never replaces an image: unreadable ones were left out above
+        ImageDataset(dataset.query + dataset.gallery, test_tf, skip_corrupt=False),
         batch_size=int(cfg.TEST.IMS_PER_BATCH),
         shuffle=False,
         **_loader_kwargs(workers, seed + 3, persistent=False),

@@ -26,6 +26,7 @@ from datasets.bases import (
     is_int,
     list_images,
     relabel_train,
+    warn_skipped_files,
 )
 from datasets.layouts import DatasetOptions, Layout, register_dataset
 
@@ -129,11 +130,15 @@ class FolderLayout(Layout):
         rows: dict[str, list[tuple[str, str, int | None, int]]] = {}
         for split, sub in zip(SPLITS, self.split_dirs, strict=True):
             rows[split] = []
+            loose = [p for p in (folder / sub).iterdir() if p.is_file()]
+            warn_skipped_files(self.name, folder / sub, loose, "outside the identity folders")
+            skipped: list[Path] = []
             for id_dir in sorted(p for p in (folder / sub).iterdir() if p.is_dir()):
-                for path in list_images(id_dir):
+                for path in list_images(id_dir, self.name, skipped):
                     m = cam_re.search(path.stem)
                     cam = int(m.group(1)) if m else None
                     rows[split].append((str(path), id_dir.name, cam, 0))
+            warn_skipped_files(self.name, folder / sub, skipped)
         return _finish_custom(self.name, rows=rows, root=str(folder), where=str(folder))
 
 
@@ -196,11 +201,17 @@ class CsvLayout(Layout):
                 f"{list(self.optional_columns)}"
             )
         reader.fieldnames = columns
-        raw = list(reader)
-        base = self._path_base(raw, list_file, root)
+        raw = [(reader.line_num, row) for row in reader]  # line_num: blank lines are skipped
+        base = self._path_base([row for _, row in raw], list_file, root)
         rows: dict[str, list[tuple[str, str, int | None, int]]] = {s: [] for s in SPLITS}
-        for lineno, row in enumerate(raw, 2):
-            row = {k: (v or "").strip() for k, v in row.items() if k}
+        for lineno, row in raw:
+            self._check_fields(row, columns, list_file, lineno)
+            row = {k: v.strip() for k, v in row.items()}
+            if not is_int(row["pid"]):
+                raise DatasetFormatError(
+                    f"{self.name}: {list_file}:{lineno}: pid {row['pid']!r} is not an integer "
+                    "(identity labels are integers; -1 marks junk images)"
+                )
             split = row["split"].lower()
             if split not in self.split_names:
                 raise DatasetFormatError(
@@ -215,6 +226,21 @@ class CsvLayout(Layout):
             path = path if path.is_absolute() else base / path
             rows[split].append((str(path), row["pid"], cam, 0 if view is None else view))
         return _finish_custom(self.name, rows=rows, root=str(base), where=str(list_file))
+
+    def _check_fields(self, row: dict, columns: list[str], list_file: Path, lineno: int) -> None:
+        """Refuse a line with fewer or more fields than the header names."""
+        missing = [c for c in columns if row.get(c) is None]
+        if missing:
+            raise DatasetFormatError(
+                f"{self.name}: {list_file}:{lineno}: missing column(s) {missing}: the line has "
+                f"{len(columns) - len(missing)} field(s), the header names {columns}"
+            )
+        extra = row.get(None)
+        if extra:
+            raise DatasetFormatError(
+                f"{self.name}: {list_file}:{lineno}: {len(extra)} field(s) more than the header "
+                f"names ({columns}): {extra}"
+            )
 
     def _int_field(self, row: dict, key: str, list_file: Path, lineno: int) -> int | None:
         value = row.get(key, "")

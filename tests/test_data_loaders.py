@@ -3,7 +3,9 @@ a user-registered dataset format."""
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from configs.config import load_cfg
 from configs.defaults import get_cfg_defaults
 from datasets import (
     DATASETS,
+    CorruptImageError,
     DatasetOptions,
     ImageRecord,
     Layout,
@@ -26,6 +29,9 @@ from datasets import (
 )
 from datasets.build import build_dataloaders, build_datasets
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
+from datasets.synthetic import generate_synthetic_reid
+from processor.evaluate import build_eval_settings, evaluate_bundle
+from tests.test_evaluate import MeanColour
 
 
 def synthetic_cfg(root: Path, workers: int = 0):
@@ -217,3 +223,52 @@ def test_user_registered_layout_loads_through_the_config(tmp_path, monkeypatch):
     assert sorted(Counter(batch["pids"].tolist()).values()) == [2, 2]
     val = next(iter(b.val))
     assert val["pids"].tolist()[:5] == [20, 21, 20, 21, 22]
+
+
+def test_unreadable_eval_images_fail_fast_or_are_left_out(tmp_path, caplog):
+    broken, clean = tmp_path / "broken", tmp_path / "clean"
+    folder = generate_synthetic_reid(broken, num_ids=8, num_cameras=2, size=(32, 16))
+    shutil.copytree(broken, clean)
+    bad_query = sorted((folder / "query").iterdir())[1]
+    bad_gallery = next(
+        p for p in sorted((folder / "bounding_box_test").iterdir()) if p.name[0] != "-"
+    )
+    bad_query.write_bytes(bad_query.read_bytes()[:300])  # truncated
+    bad_gallery.write_bytes(b"\xff\xd8 garbage")
+    for p in (bad_query, bad_gallery):  # the clean tree is the broken one without those files
+        (clean / p.relative_to(broken)).unlink()
+
+    def cfg_for(root, skip):
+        opts = [
+            "DATASETS.NAMES", "['market1501']", "DATASETS.ROOT_DIR", str(root),
+            "DATASETS.SKIP_CORRUPT", str(skip), "INPUT.SIZE_TRAIN", "[32, 16]",
+            "INPUT.SIZE_TEST", "[32, 16]", "DATALOADER.NUM_WORKERS", "0",
+            "SOLVER.STAGE2.IMS_PER_BATCH", "8", "MODEL.DEVICE", "cpu",
+        ]  # fmt: skip
+        return load_cfg(None, opts)
+
+    with pytest.raises(CorruptImageError) as err:
+        build_dataloaders(cfg_for(broken, False))
+    msg = str(err.value)
+    assert "2 query/gallery image(s) cannot be read" in msg
+    assert str(bad_query) in msg and str(bad_gallery) in msg and "DATASETS.SKIP_CORRUPT" in msg
+
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        skipped = build_dataloaders(cfg_for(broken, True))
+    reference = build_dataloaders(cfg_for(clean, False))
+    full = build_datasets(cfg_for(broken, True))[0]
+    # exactly the two unreadable images are gone: one query, one gallery
+    assert skipped.num_query == len(full.query) - 1 == reference.num_query
+    assert len(skipped.dataset.gallery) == len(full.gallery) - 1 == len(reference.dataset.gallery)
+    val_paths = [r.path for r in skipped.val.dataset.records]
+    assert str(bad_query) not in val_paths and str(bad_gallery) not in val_paths
+    assert not skipped.val.dataset.skip_corrupt  # evaluation never substitutes an image
+    assert f"left out of the evaluation: {bad_query}" in caplog.text
+    assert f"left out of the evaluation: {bad_gallery}" in caplog.text
+    assert "2 unreadable query/gallery image(s) left out of the evaluation" in caplog.text
+
+    settings = build_eval_settings(cfg_for(clean, False))
+    model, cpu = MeanColour(), torch.device("cpu")
+    got = evaluate_bundle(model, skipped, settings, cpu)
+    want = evaluate_bundle(model, reference, settings, cpu)
+    assert got == pytest.approx(want, abs=1e-6) and got["mAP"] > 0
