@@ -36,6 +36,9 @@ from datasets.market1501 import MARKET1501
 
 logger = logging.getLogger(__name__)
 
+# What the generator draws (DATASETS.SYNTHETIC.MODE).
+SYNTHETIC_MODES = ("person", "vehicle")
+
 MARKET_DIR = MARKET1501.dataset_dirs[0]
 MARKER = "synthetic.json"
 # Bumped whenever the drawing changes, so cached datasets of an older version are not reused.
@@ -374,8 +377,8 @@ def _check_generator_args(
     size: Sequence[int],
 ) -> tuple[int, int]:
     """Validate the arguments of :func:`generate_synthetic_reid`; returns ``size`` as ints."""
-    if mode not in ("person", "vehicle"):
-        raise ValueError(f"mode must be 'person' or 'vehicle', got {mode!r}")
+    if mode not in SYNTHETIC_MODES:
+        raise ValueError(f"mode must be one of {SYNTHETIC_MODES}, got {mode!r}")
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if not 4 <= num_ids <= 9999 or num_cameras < 2 or num_cameras > 9 or images_per_id_cam < 2:
