@@ -123,6 +123,18 @@ def compute_stats(records: Sequence[ImageRecord]) -> SplitStats:
     )
 
 
+class PublishedSplit(NamedTuple):
+    """Published size of one split of a benchmark, counted as :func:`compute_stats` counts.
+
+    Attributes:
+        num_ids: identities (Market's distractor pid 0 counts as one; junk -1 is not counted).
+        num_images: images, or None where no figure is published.
+    """
+
+    num_ids: int
+    num_images: int | None
+
+
 @dataclass
 class ReIDDataset:
     """The parsed splits of one dataset (or of several combined for training).

@@ -7,8 +7,20 @@ so that the view vocabulary (size 1) indexes it.
 
 import dataclasses
 
-from datasets.bases import PID_CAM_PATTERN
+from datasets.bases import PID_CAM_PATTERN, PublishedSplit
 from datasets.layouts import NamePatternLayout, register_dataset
+
+# Full copies: the gallery (shared by both) includes the distractor identities.
+PUBLISHED_STATS = {
+    "train": PublishedSplit(702, 16_522),
+    "query": PublishedSplit(702, 2_228),
+    "gallery": PublishedSplit(1_110, 17_661),
+}
+OCC_DUKE_PUBLISHED_STATS = {
+    "train": PublishedSplit(702, 15_618),
+    "query": PublishedSplit(519, 2_210),
+    "gallery": PublishedSplit(1_110, 17_661),
+}
 
 DUKEMTMC = register_dataset(
     NamePatternLayout(
@@ -20,11 +32,15 @@ DUKEMTMC = register_dataset(
         pattern=PID_CAM_PATTERN,
         num_cameras=8,
         example_name="0001_c2_f0046182.jpg",
+        published=PUBLISHED_STATS,
     )
 )
 
 OCC_DUKE = register_dataset(
     dataclasses.replace(
-        DUKEMTMC, name="occ_duke", dataset_dirs=("dukemtmcreid/Occluded_Duke", "Occluded_Duke")
+        DUKEMTMC,
+        name="occ_duke",
+        dataset_dirs=("dukemtmcreid/Occluded_Duke", "Occluded_Duke"),
+        published=OCC_DUKE_PUBLISHED_STATS,
     )
 )

@@ -34,6 +34,7 @@ from datasets.bases import (
     DatasetFormatError,
     DatasetLayoutError,
     ImageRecord,
+    PublishedSplit,
     ReIDDataset,
     UnknownDatasetError,
     check_split_nonempty,
@@ -102,10 +103,29 @@ class Layout:
         name: the ``DATASETS.NAMES`` entry.
         dataset_dirs: candidate folders under ``DATASETS.ROOT_DIR``; the first is the canonical one
             shown in error messages ('' = ROOT_DIR itself).
+        published: published split sizes of a full copy of a benchmark, keyed by split name, as
+            :func:`~datasets.bases.compute_stats` counts them (None: not a benchmark). Keyword
+            only, so subclasses may add fields without defaults.
     """
 
     name: str
     dataset_dirs: tuple[str, ...]
+    published: Mapping[str, PublishedSplit] | None = field(
+        default=None, compare=False, kw_only=True
+    )
+
+    def published_stats(self, options: DatasetOptions) -> Mapping[str, PublishedSplit] | None:
+        """The published split sizes a full copy read with ``options`` should have.
+
+        Args:
+            options: dataset settings (VeRi's unlabelled-view drop and VehicleID's test size
+                change the figures).
+
+        Returns:
+            ``{split: PublishedSplit}`` (splits 'train', 'query', 'gallery' and, for datasets with
+            trials, 'test'), or None for a dataset without published figures.
+        """
+        return self.published
 
     def required(self, options: DatasetOptions) -> list[str]:
         """Paths that must exist inside the dataset folder.

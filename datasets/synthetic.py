@@ -549,6 +549,7 @@ class SyntheticLayout(Layout):
             name=self.name,
             dataset_dirs=(MARKET_DIR,),
             num_cameras=int(params["num_cameras"]),
+            published=None,
         )
         return market.load(base, options)
 

@@ -8,13 +8,15 @@ test identity in the gallery and the rest in the query (seeded by ``SOLVER.SEED`
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets.bases import (
     IMAGE_EXTENSIONS,
     DatasetFormatError,
     ImageRecord,
+    PublishedSplit,
     ReIDDataset,
     check_split_nonempty,
     read_pid_list,
@@ -43,6 +45,14 @@ class VehicleIDLayout(Layout):
     test_list: str = "test_list_{size}.txt"
     test_sizes: tuple[int, ...] = (800, 1600, 2400)
     image_ext: str = ".jpg"
+    published_test_ids: Mapping[int, int] | None = field(default=None, compare=False)
+
+    def published_stats(self, options: DatasetOptions) -> Mapping[str, PublishedSplit] | None:
+        ids = (self.published_test_ids or {}).get(options.vehicleid_test_size)
+        if self.published is None or ids is None:
+            return self.published
+        test = {"test": PublishedSplit(ids, None), "gallery": PublishedSplit(ids, ids)}
+        return {**self.published, **test}
 
     def _test_list(self, options: DatasetOptions) -> str:
         if options.vehicleid_test_size not in self.test_sizes:
@@ -96,6 +106,11 @@ class VehicleIDLayout(Layout):
         )
 
 
+# Train split of a full copy; each test list names test-size identities, and a trial's gallery
+# holds one image of each.
+PUBLISHED_STATS = {"train": PublishedSplit(13_164, 113_346)}
+PUBLISHED_TEST_IDS = {800: 800, 1600: 1_600, 2400: 2_400}
+
 VEHICLEID = register_dataset(
     VehicleIDLayout(
         name="VehicleID",
@@ -106,5 +121,7 @@ VEHICLEID = register_dataset(
         test_list="test_list_{size}.txt",
         test_sizes=(800, 1600, 2400),
         image_ext=".jpg",
+        published=PUBLISHED_STATS,
+        published_test_ids=PUBLISHED_TEST_IDS,
     )
 )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets.bases import (
@@ -19,6 +19,7 @@ from datasets.bases import (
     SPLITS,
     DatasetFormatError,
     DatasetLayoutError,
+    PublishedSplit,
     ReIDDataset,
     check_split_nonempty,
     is_int,
@@ -78,6 +79,12 @@ class VeRiLayout(NamePatternLayout):
 
     keypoint_files: tuple[str, ...] = ("keypoint_train.txt", "keypoint_test.txt")
     num_labelled_views: int = 8
+    published_labelled: Mapping[str, PublishedSplit] | None = field(default=None, compare=False)
+
+    def published_stats(self, options: DatasetOptions) -> Mapping[str, PublishedSplit] | None:
+        if options.veri_drop_unlabeled or options.require_views:
+            return self.published_labelled
+        return self.published
 
     def tree(self, options: DatasetOptions) -> list[tuple[int, str, str]]:
         rows = super().tree(options)
@@ -140,6 +147,19 @@ class VeRiLayout(NamePatternLayout):
         )
 
 
+# The standard protocol (every image kept), and the official code's counts, which drop the
+# images without a viewpoint label (63 train, 1 query, 1 gallery).
+PUBLISHED_STATS = {
+    "train": PublishedSplit(576, 37_778),
+    "query": PublishedSplit(200, 1_678),
+    "gallery": PublishedSplit(200, 11_579),
+}
+PUBLISHED_STATS_LABELLED = {
+    "train": PublishedSplit(576, 37_715),
+    "query": PublishedSplit(200, 1_677),
+    "gallery": PublishedSplit(200, 11_578),
+}
+
 VERI = register_dataset(
     VeRiLayout(
         name="veri",
@@ -152,5 +172,7 @@ VERI = register_dataset(
         example_name="0001_c001_00016450_0.jpg",
         keypoint_files=("keypoint_train.txt", "keypoint_test.txt"),
         num_labelled_views=8,
+        published=PUBLISHED_STATS,
+        published_labelled=PUBLISHED_STATS_LABELLED,
     )
 )
