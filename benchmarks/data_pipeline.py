@@ -4,7 +4,7 @@ One process with one torch thread does what one DataLoader worker does: read, de
 transform images one at a time. Both pipelines run in the same process on the same synthetic
 images (generated into a temporary folder), to a 256 x 128 output:
 
-* ours: ``datasets.bases.ImageDataset`` with ``datasets.transforms`` (torchvision decoders,
+* ours: ``datasets.image_dataset.ImageDataset`` with ``datasets.transforms`` (torchvision decoders,
   transforms v2 on uint8 tensors, per-sample seeded augmentation);
 * reference: the official recipe: PIL ``open().convert('RGB')`` then torchvision v1
   ``Resize(bicubic) -> RandomHorizontalFlip -> Pad -> RandomCrop -> ToTensor -> Normalize`` and
@@ -40,7 +40,8 @@ from PIL import Image  # noqa: E402
 from timm.data.random_erasing import RandomErasing  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
-from datasets.bases import DatasetOptions, ImageDataset, SampleKey  # noqa: E402
+from datasets.image_dataset import ImageDataset, SampleKey  # noqa: E402
+from datasets.layouts import DatasetOptions  # noqa: E402
 from datasets.synthetic import SYNTHETIC  # noqa: E402
 from datasets.transforms import build_test_transform, build_train_transform  # noqa: E402
 

@@ -23,9 +23,10 @@ from yacs.config import CfgNode as CN
 from configs.defaults import (
     FLAT_SOLVER_KEYS,
     LEGACY_KEYS,
-    VEHICLE_DATASETS,
     get_cfg_defaults,
 )
+from datasets.build import dataset_options
+from datasets.layouts import DATASETS
 from datasets.synthetic import SYNTHETIC_MODES
 from datasets.vehicleid import VEHICLEID
 from loss.build import SAMPLERS, TEXT_LOSSES
@@ -233,11 +234,10 @@ def _merge(cfg: CN, flat: dict[str, Any], source: str) -> None:
 def _resolve(cfg: CN, explicit: set[str]) -> None:
     """Fill keys whose default depends on others (recorded in the saved config.yaml)."""
     if not cfg.MODEL.PROMPT_CLASS:
-        names = list(cfg.DATASETS.NAMES)
-        vehicle = all(n in VEHICLE_DATASETS for n in names) or (
-            names == ["synthetic"] and cfg.DATASETS.SYNTHETIC.MODE == "vehicle"
-        )
-        cfg.MODEL.PROMPT_CLASS = "vehicle" if vehicle else "person"
+        # The datasets' own class word; 'vehicle' only when every dataset is of vehicles.
+        options = dataset_options(cfg)
+        words = {DATASETS.get(n).class_word(options) for n in cfg.DATASETS.NAMES if n in DATASETS}
+        cfg.MODEL.PROMPT_CLASS = "vehicle" if words == {"vehicle"} else "person"
     if cfg.MODEL.METHOD in RECIPES and "TEST.NECK_FEAT" not in explicit:
         # A method may imply its eval feature (PCL-CLIP: the post-BN feature, no pre-BN variant).
         cfg.TEST.NECK_FEAT = get_recipe(cfg.MODEL.METHOD).neck_feat or cfg.TEST.NECK_FEAT
@@ -266,6 +266,9 @@ def validate_cfg(cfg: CN) -> None:
         )
     if not cfg.DATASETS.NAMES:
         raise ConfigError("DATASETS.NAMES is empty: name at least one dataset")
+    for name in cfg.DATASETS.NAMES:
+        if name not in DATASETS:
+            raise ConfigError(DATASETS.unknown_message(name))
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
         value = cfg[key.split(".")[0]][key.split(".")[1]]
         if len(value) != 2 or any(int(v) <= 0 for v in value):

@@ -309,9 +309,6 @@ FLAT_SOLVER_KEYS = (
     "EVAL_PERIOD",
 )
 
-# Dataset names whose prompts use the class word 'vehicle'.
-VEHICLE_DATASETS = ("veri", "VehicleID")
-
 
 def get_cfg_defaults() -> CN:
     """Return a fresh, mutable copy of the default configuration.

@@ -11,55 +11,34 @@ import torch
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
+# isort: off
+# The dataset files register their layouts in DATASETS when imported, in this order (the order
+# DATASETS.NAMES errors list them in).
+import datasets.market1501  # noqa: F401
+import datasets.msmt17  # noqa: F401
+import datasets.dukemtmc  # noqa: F401
+import datasets.veri  # noqa: F401
+import datasets.vehicleid  # noqa: F401
+import datasets.custom  # noqa: F401
+import datasets.synthetic  # noqa: F401
+
+# isort: on
 from datasets.bases import (
-    DatasetOptions,
-    ImageDataset,
+    ISSUE,
+    ISSUE_EVALUATION,
+    MAX_LISTED,
+    CorruptImageError,
     ImageRecord,
-    Layout,
     ReIDDataset,
-    closest_name,
-    collate_batch,
     combine_datasets,
 )
-from datasets.custom import CSV, FOLDER
-from datasets.dukemtmc import DUKEMTMC, OCC_DUKE
-from datasets.market1501 import MARKET1501
-from datasets.msmt17 import MSMT17
+from datasets.image_dataset import ImageDataset, check_images_readable, collate_batch
+from datasets.layouts import DatasetOptions, get_layout
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
-from datasets.synthetic import SYNTHETIC
 from datasets.transforms import build_transforms
-from datasets.vehicleid import VEHICLEID
-from datasets.veri import VERI
 from utils.dist import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)
-
-DATASET_LAYOUTS: dict[str, Layout] = {
-    layout.name: layout
-    for layout in (MARKET1501, MSMT17, DUKEMTMC, OCC_DUKE, VERI, VEHICLEID, FOLDER, CSV, SYNTHETIC)
-}
-
-
-def get_layout(name: str) -> Layout:
-    """Look up a dataset layout by its ``DATASETS.NAMES`` entry.
-
-    Args:
-        name: dataset name (case-sensitive, as the official names).
-
-    Returns:
-        The layout.
-
-    Raises:
-        ValueError: an unknown name; the message lists the valid ones and the closest.
-    """
-    if name in DATASET_LAYOUTS:
-        return DATASET_LAYOUTS[name]
-    near = closest_name(name, list(DATASET_LAYOUTS))
-    hint = f" Did you mean {near!r}?" if near else ""
-    raise ValueError(
-        f"unknown dataset {name!r} in DATASETS.NAMES.{hint} Valid names: "
-        f"{', '.join(DATASET_LAYOUTS)}"
-    )
 
 
 def dataset_options(cfg: CfgNode) -> DatasetOptions:
@@ -120,6 +99,7 @@ def check_dataset(dataset: ReIDDataset) -> None:
             dataset.name,
             len(missing),
             n_img,
+            extra={ISSUE: ISSUE_EVALUATION},
         )
     if dataset.has_camera_ids:
         train_cams = {r.camid for r in dataset.train}
@@ -130,6 +110,7 @@ def check_dataset(dataset: ReIDDataset) -> None:
                 "embeddings (MODEL.SIE_CAMERA) would stay untrained",
                 dataset.name,
                 unseen,
+                extra={ISSUE: ISSUE_EVALUATION},
             )
 
 
@@ -154,6 +135,59 @@ def build_datasets(cfg: CfgNode) -> tuple[ReIDDataset, list[ReIDDataset]]:
         logger.info("%s", dataset.format_statistics())
     check_dataset(dataset)
     return dataset, parts
+
+
+def check_eval_images(dataset: ReIDDataset, skip_corrupt: bool) -> ReIDDataset:
+    """Check that every query/gallery image can be read, before a run spends time on training.
+
+    Uses the cheap header check of :func:`~datasets.image_dataset.check_images_readable`
+    (about 2 s for 20k small JPEGs). An unreadable evaluation image is never replaced by another
+    one (that would evaluate the replacement as the original): it fails the run, or with
+    ``skip_corrupt`` is left out of the query/gallery (and VehicleID test pool), each logged.
+
+    Args:
+        dataset: the (combined) dataset; its query/gallery are the evaluated ones.
+        skip_corrupt: ``DATASETS.SKIP_CORRUPT``.
+
+    Returns:
+        ``dataset`` itself when every image is readable, else a copy without the unreadable ones.
+
+    Raises:
+        CorruptImageError: unreadable images and not ``skip_corrupt``; names the first ones.
+    """
+    records = (
+        dataset.test_pool if dataset.test_pool is not None else dataset.query + dataset.gallery
+    )
+    bad = check_images_readable(records, f"{dataset.name} query/gallery")
+    if not bad:
+        return dataset
+    listed = "\n".join(f"  {b.path}: {b.reason}" for b in bad[:MAX_LISTED])
+    more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+    if not skip_corrupt:
+        raise CorruptImageError(
+            f"{dataset.name}: {len(bad)} query/gallery image(s) cannot be read:\n{listed}{more}\n"
+            "Replace or delete them, or set DATASETS.SKIP_CORRUPT True to leave them out of the "
+            "evaluation (python -m tools.check_dataset reports every problem of a dataset)."
+        )
+    for b in bad[:MAX_LISTED]:
+        logger.warning(
+            "%s: unreadable query/gallery image left out of the evaluation: %s (%s)",
+            dataset.name,
+            b.path,
+            b.reason,
+        )
+    reduced = dataset.without_images(b.path for b in bad)
+    logger.warning(
+        "%s: %d unreadable query/gallery image(s) left out of the evaluation "
+        "(DATASETS.SKIP_CORRUPT): query %d -> %d images, gallery %d -> %d images",
+        dataset.name,
+        len(bad),
+        len(dataset.query),
+        len(reduced.query),
+        len(dataset.gallery),
+        len(reduced.gallery),
+    )
+    return reduced
 
 
 def seed_worker(worker_id: int) -> None:
@@ -188,8 +222,6 @@ class DataBundle:
         num_trials: evaluation trials to average (VehicleID: ``TEST.VEHICLEID_TRIALS``, else 1).
         dataset: the combined dataset (train of all, query/gallery of the first).
         datasets: the parsed datasets in ``DATASETS.NAMES`` order.
-        train_indices: ``train`` index of every record of ``train_stage2`` (all of them until
-            :meth:`set_train_labels` selects a labelled subset).
     """
 
     train_stage1: DataLoader
@@ -203,25 +235,7 @@ class DataBundle:
     num_trials: int
     dataset: ReIDDataset
     datasets: list[ReIDDataset]
-    _make_val: Callable[[ReIDDataset], DataLoader] = field(repr=False)
     _make_train: Callable[[list[ImageRecord]], DataLoader] = field(repr=False)
-
-    def val_for_trial(self, trial: int) -> DataLoader:
-        """The val loader of one evaluation trial (VehicleID: a new random gallery per trial).
-
-        The query count ``num_query`` is the same in every trial (one gallery image per id).
-
-        Args:
-            trial: 0..num_trials-1; trial 0 is ``val``.
-
-        Returns:
-            A loader of the trial's query then gallery images.
-        """
-        if trial == 0 or not self.dataset.has_trials:
-            return self.val
-        return self._make_val(self.dataset.for_trial(trial))
-
-    train_indices: np.ndarray | None = None
 
     def set_train_labels(self, indices: Sequence[int], labels: Sequence[int]) -> DataLoader:
         """Train stage 2 on a subset of the train set with new labels (e.g. cluster pseudo labels).
@@ -255,16 +269,7 @@ class DataBundle:
         pairs = zip(idx.tolist(), lab.tolist(), strict=True)
         records = [train[i]._replace(pid=int(p)) for i, p in pairs]
         self.train_stage2 = self._make_train(records)
-        self.train_indices = idx
         return self.train_stage2
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the stage-2 batches (same as the batch sampler's ``set_epoch``).
-
-        Args:
-            epoch: the training loop's epoch counter.
-        """
-        self.train_stage2.batch_sampler.set_epoch(epoch)
 
 
 def _loader_kwargs(num_workers: int, seed: int, persistent: bool) -> dict:
@@ -336,7 +341,10 @@ def build_train_sampler(
 
 
 def build_dataloaders(cfg: CfgNode) -> DataBundle:
-    """Parse the datasets and build every loader of a run.
+    """Parse the datasets, check the evaluation images and build every loader of a run.
+
+    Every query/gallery image is checked for readability first (:func:`check_eval_images`), so
+    a broken evaluation image stops the run here rather than after training.
 
     Args:
         cfg: configuration (DATASETS, INPUT, DATALOADER, SOLVER.SEED, SOLVER.STAGE1/2
@@ -344,10 +352,14 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
 
     Returns:
         The :class:`DataBundle`.
+
+    Raises:
+        CorruptImageError: an unreadable query/gallery image without ``DATASETS.SKIP_CORRUPT``.
     """
     dataset, parts = build_datasets(cfg)
-    train_tf, test_tf = build_transforms(cfg)
     skip = bool(cfg.DATASETS.SKIP_CORRUPT)
+    dataset = check_eval_images(dataset, skip)
+    train_tf, test_tf = build_transforms(cfg)
     workers = int(cfg.DATALOADER.NUM_WORKERS)
     seed = int(cfg.SOLVER.SEED)
     train_test = ImageDataset(dataset.train, test_tf, skip)
@@ -380,18 +392,17 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
         **_loader_kwargs(workers, seed + 2, persistent=False),
     )
 
-    def make_val(ds: ReIDDataset) -> DataLoader:
-        return DataLoader(
-            ImageDataset(ds.query + ds.gallery, test_tf, skip),
-            batch_size=int(cfg.TEST.IMS_PER_BATCH),
-            shuffle=False,
-            **_loader_kwargs(workers, seed + 3, persistent=False),
-        )
+    val = DataLoader(  # never replaces an image: unreadable ones were left out above
+        ImageDataset(dataset.query + dataset.gallery, test_tf, skip_corrupt=False),
+        batch_size=int(cfg.TEST.IMS_PER_BATCH),
+        shuffle=False,
+        **_loader_kwargs(workers, seed + 3, persistent=False),
+    )
 
     return DataBundle(
         train_stage1=train_stage1,
         train_stage2=train_stage2,
-        val=make_val(dataset),
+        val=val,
         train_eval=train_eval,
         num_classes=dataset.num_train_pids,
         num_cameras=dataset.num_cameras,
@@ -400,7 +411,5 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
         num_trials=int(cfg.TEST.VEHICLEID_TRIALS) if dataset.has_trials else 1,
         dataset=dataset,
         datasets=parts,
-        _make_val=make_val,
         _make_train=make_train,
-        train_indices=np.arange(len(dataset.train), dtype=np.int64),
     )

@@ -7,9 +7,17 @@ Folder layout: ``bounding_box_train``, ``query``, ``bounding_box_test`` with ``<
 names (MSMT17_V2 conversions).
 """
 
-from datasets.bases import PID_CAM_PATTERN, LayoutChoice, NamePatternLayout, PidListLayout
+from datasets.bases import PID_CAM_PATTERN, PublishedSplit
+from datasets.layouts import LayoutChoice, NamePatternLayout, PidListLayout, register_dataset
 
 _DIRS = ("MSMT17", "MSMT17_V1", "MSMT17_V2")
+
+# A full copy (V1 lists: train = list_train + list_val), as the official loader counts it.
+PUBLISHED_STATS = {
+    "train": PublishedSplit(1_041, 32_621),
+    "query": PublishedSplit(3_060, 11_659),
+    "gallery": PublishedSplit(3_060, 82_161),
+}
 
 MSMT17_LISTS = PidListLayout(
     name="msmt17",
@@ -34,4 +42,11 @@ MSMT17_FOLDERS = NamePatternLayout(
     example_name="0000_c1_0000.jpg",
 )
 
-MSMT17 = LayoutChoice(name="msmt17", dataset_dirs=_DIRS, layouts=(MSMT17_LISTS, MSMT17_FOLDERS))
+MSMT17 = register_dataset(
+    LayoutChoice(
+        name="msmt17",
+        dataset_dirs=_DIRS,
+        layouts=(MSMT17_LISTS, MSMT17_FOLDERS),
+        published=PUBLISHED_STATS,
+    )
+)

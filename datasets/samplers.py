@@ -6,9 +6,9 @@ so a resumed run replays the same batches and ``len()`` is exact. In a distribut
 builds the same global batch list (no communication needed) and keeps a disjoint share of it:
 batches ``rank, rank + W, rank + 2W, ...``, truncated so every rank gets as many.
 
-With ``sample_seeds=True`` each index comes as a :class:`~datasets.bases.SampleKey`
-``(index, seed)``; :class:`~datasets.bases.ImageDataset` seeds the augmentation of that sample
-with it, which makes augmentations independent of the number of loader workers.
+With ``sample_seeds=True`` each index comes as a :class:`~datasets.image_dataset.SampleKey`
+``(index, seed)``; :class:`~datasets.image_dataset.ImageDataset` seeds the augmentation of that
+sample with it, which makes augmentations independent of the number of loader workers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from datasets.bases import SampleKey
+from datasets.image_dataset import SampleKey
 from utils.dist import get_rank, get_world_size
 
 logger = logging.getLogger(__name__)

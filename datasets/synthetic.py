@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from datasets.bases import DatasetOptions, Layout, ReIDDataset
+from datasets.bases import ReIDDataset
+from datasets.layouts import DatasetOptions, Layout, register_dataset
 from datasets.market1501 import MARKET1501
 
 logger = logging.getLogger(__name__)
@@ -367,6 +368,42 @@ def _unique_attributes(
     return out
 
 
+def _check_generator_args(
+    mode: str,
+    image_format: str,
+    num_ids: int,
+    num_cameras: int,
+    images_per_id_cam: int,
+    size: Sequence[int],
+) -> tuple[int, int]:
+    """Validate the arguments of :func:`generate_synthetic_reid`; returns ``size`` as ints."""
+    if mode not in SYNTHETIC_MODES:
+        raise ValueError(f"mode must be one of {SYNTHETIC_MODES}, got {mode!r}")
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if not 4 <= num_ids <= 9999 or num_cameras < 2 or num_cameras > 9 or images_per_id_cam < 2:
+        raise ValueError(
+            "need 4 <= num_ids <= 9999, 2 <= num_cameras <= 9 and images_per_id_cam >= 2; got "
+            f"{num_ids}, {num_cameras}, {images_per_id_cam}"
+        )
+    hw = (int(size[0]), int(size[1]))
+    if min(hw) < 16:
+        raise ValueError(f"size {hw} is too small: use at least 16 x 16")
+    return hw
+
+
+def _save_market_image(
+    img: Image.Image, folder: Path, pid: int, cam: int, frame: int, k: int, ext: str
+) -> None:
+    """Save under a Market-1501 name ``0002_c1s1_000451_03.jpg`` (junk: ``-1_c1s1_...``)."""
+    prefix = f"{pid:04d}" if pid >= 0 else str(pid)
+    path = folder / f"{prefix}_c{cam + 1}s1_{frame:06d}_{k:02d}.{ext}"
+    if ext == "jpg":
+        img.save(path, format="JPEG", quality=JPEG_QUALITY, subsampling=2, optimize=False)
+    else:
+        img.save(path, format="PNG", compress_level=6, optimize=False)
+
+
 def generate_synthetic_reid(
     root: str | os.PathLike,
     num_ids: int = 64,
@@ -406,18 +443,7 @@ def generate_synthetic_reid(
     Raises:
         ValueError: an argument out of range.
     """
-    if mode not in SYNTHETIC_MODES:
-        raise ValueError(f"mode must be one of {SYNTHETIC_MODES}, got {mode!r}")
-    if image_format not in ("jpg", "png"):
-        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
-    if not 4 <= num_ids <= 9999 or num_cameras < 2 or num_cameras > 9 or images_per_id_cam < 2:
-        raise ValueError(
-            "need 4 <= num_ids <= 9999, 2 <= num_cameras <= 9 and images_per_id_cam >= 2; got "
-            f"{num_ids}, {num_cameras}, {images_per_id_cam}"
-        )
-    size = (int(size[0]), int(size[1]))
-    if min(size) < 16:
-        raise ValueError(f"size {size} is too small: use at least 16 x 16")
+    size = _check_generator_args(mode, image_format, num_ids, num_cameras, images_per_id_cam, size)
     rng = np.random.default_rng([seed, 0])
     pids = (rng.permutation(num_ids) + 1).tolist()
     train_pids = sorted(pids[: num_ids // 2])
@@ -434,30 +460,21 @@ def generate_synthetic_reid(
     dirs = {s: folder / s for s in ("bounding_box_train", "query", "bounding_box_test")}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    ext = image_format
 
     def save(img: Image.Image, split: str, pid: int, cam: int, frame: int, k: int) -> None:
-        name = f"{pid:04d}_c{cam + 1}s1_{frame:06d}_{k:02d}.{ext}"
-        if pid < 0:
-            name = f"{pid}_c{cam + 1}s1_{frame:06d}_{k:02d}.{ext}"
-        path = dirs[split] / name
-        if ext == "jpg":
-            img.save(path, format="JPEG", quality=JPEG_QUALITY, subsampling=2, optimize=False)
-        else:
-            img.save(path, format="PNG", compress_level=6, optimize=False)
+        _save_market_image(img, dirs[split], pid, cam, frame, k, image_format)
 
     for pid in sorted(pids):
-        is_test = pid in test_pids
         for c, cam in enumerate(cams):
             query_k = int(np.random.default_rng([seed, 2, pid, c]).integers(images_per_id_cam))
             for k in range(images_per_id_cam):
-                img_rng = np.random.default_rng([seed, 3, pid, c, k])
-                img = _render(size, mode, attrs[pid], cam, img_rng)
-                frame = 1 + (pid * 97 + c * 1009 + k * 31) % 999_983
+                img = _render(
+                    size, mode, attrs[pid], cam, np.random.default_rng([seed, 3, pid, c, k])
+                )
                 split = "bounding_box_train"
-                if is_test:
+                if pid in test_pids:
                     split = "query" if k == query_k else "bounding_box_test"
-                save(img, split, pid, c, frame, k)
+                save(img, split, pid, c, 1 + (pid * 97 + c * 1009 + k * 31) % 999_983, k)
     for i, a in enumerate(distractors):
         c = i % num_cameras
         img = _render(size, mode, a, cams[c], np.random.default_rng([seed, 4, i]))
@@ -466,16 +483,12 @@ def generate_synthetic_reid(
         c = i % num_cameras
         img = _render(size, mode, None, cams[c], np.random.default_rng([seed, 5, i]))
         save(img, "bounding_box_test", -1, c, 600_000 + i, 0)
+    counts = (len(train_pids), n_test, num_cameras, images_per_id_cam, num_distractors, num_junk)
     logger.info(
         "synthetic %s data: %d train ids, %d test ids, %d cameras, %d images per id and camera, "
         "%d distractors, %d junk -> %s",
         mode,
-        len(train_pids),
-        n_test,
-        num_cameras,
-        images_per_id_cam,
-        num_distractors,
-        num_junk,
+        *counts,
         folder,
     )
     return folder
@@ -493,6 +506,9 @@ class SyntheticLayout(Layout):
     """
 
     folder: str = "synthetic"
+
+    def class_word(self, options: DatasetOptions) -> str:
+        return str(options.synthetic.get("mode", self.object_class))
 
     def required(self, options: DatasetOptions) -> list[str]:
         return []
@@ -536,6 +552,7 @@ class SyntheticLayout(Layout):
             name=self.name,
             dataset_dirs=(MARKET_DIR,),
             num_cameras=int(params["num_cameras"]),
+            published=None,
         )
         return market.load(base, options)
 
@@ -573,4 +590,6 @@ def ensure_generated(base: Path, params: dict[str, Any]) -> None:
             shutil.rmtree(tmp)
 
 
-SYNTHETIC = SyntheticLayout(name="synthetic", dataset_dirs=("synthetic",), folder="synthetic")
+SYNTHETIC = register_dataset(
+    SyntheticLayout(name="synthetic", dataset_dirs=("synthetic",), folder="synthetic")
+)

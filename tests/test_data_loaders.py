@@ -1,17 +1,36 @@
-"""build_dataloaders: the bundle, batch format, P x K batches, repeatability, VehicleID trials."""
+"""build_dataloaders: the bundle, batch format, P x K batches, repeatability, VehicleID trials,
+a user-registered dataset format."""
 
 from __future__ import annotations
 
+import logging
+import re
+import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from configs.config import ConfigError, load_cfg
 from configs.defaults import get_cfg_defaults
-from datasets.build import build_dataloaders
+from datasets import (
+    DATASETS,
+    CorruptImageError,
+    DatasetOptions,
+    ImageRecord,
+    Layout,
+    ReIDDataset,
+    get_layout,
+    register_dataset,
+)
+from datasets.build import build_dataloaders, build_datasets
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
+from datasets.synthetic import generate_synthetic_reid
+from processor.evaluate import build_eval_settings, evaluate_bundle
+from tests.test_evaluate import MeanColour
 
 
 def synthetic_cfg(root: Path, workers: int = 0):
@@ -40,7 +59,7 @@ def test_bundle_fields_and_batch_format(root):
     b = build_dataloaders(synthetic_cfg(root))
     # 8 ids: 4 train, 4 test; 2 cameras; 3 images per id and camera; 2 distractors
     assert (b.num_classes, b.num_cameras, b.num_views, b.num_query) == (4, 2, 1, 8)
-    assert b.num_trials == 1 and b.val_for_trial(3) is b.val
+    assert b.num_trials == 1 and b.dataset.for_trial(3) is b.dataset
     assert len(b.dataset.train) == 24 and len(b.datasets) == 1
     val_records = b.val.dataset.records
     assert val_records == b.dataset.query + b.dataset.gallery and len(val_records) == 8 + 16 + 2
@@ -74,7 +93,7 @@ def test_epochs_replay_independent_of_workers(root):
         assert not b.val.persistent_workers
         epochs = []
         for epoch in (1, 2, 1):
-            b.set_epoch(epoch)
+            b.train_stage2.batch_sampler.set_epoch(epoch)
             epochs.append([(x["paths"], x["images"]) for x in b.train_stage2])
         runs.append(epochs)
     for epochs in runs:
@@ -95,7 +114,7 @@ def test_softmax_sampler_is_a_seeded_shuffle(root):
     assert sorted(i.index for batch in sampler for i in batch) == list(range(24))
 
 
-def test_vehicleid_val_for_trial(tmp_path):
+def test_vehicleid_trials(tmp_path):
     d = tmp_path / "VehicleID_V1.0"
     (d / "image").mkdir(parents=True)
     (d / "train_test_split").mkdir()
@@ -119,16 +138,137 @@ def test_vehicleid_val_for_trial(tmp_path):
     assert b.num_trials == 6 and b.num_query == 4 and b.num_cameras == 1
     galleries = []
     for t in range(6):
-        loader = b.val_for_trial(t)
-        recs = loader.dataset.records
-        query, gallery = recs[: b.num_query], recs[b.num_query :]
+        split = b.dataset.for_trial(t)
+        query, gallery = split.query, split.gallery
         assert sorted(r.pid for r in gallery) == [3, 4] and len(query) == 4
         galleries.append(tuple(r.path for r in gallery))
-    assert b.val_for_trial(0) is b.val
+        assert [r.camid for r in query + gallery] == [0, 0, 0, 0, 1, 1]
+    assert b.val.dataset.records == b.dataset.for_trial(0).query + b.dataset.for_trial(0).gallery
     assert len(set(galleries)) > 1
     again = build_dataloaders(cfg)
-    assert [
-        tuple(r.path for r in again.val_for_trial(t).dataset.records[4:]) for t in range(6)
-    ] == (galleries)
-    batch = next(iter(b.val_for_trial(2)))
+    assert [tuple(r.path for r in again.dataset.for_trial(t).gallery) for t in range(6)] == (
+        galleries
+    )
+    batch = next(iter(b.val))
     assert batch["camids"].tolist() == [0, 0, 0, 0, 1, 1]
+
+
+@dataclass(frozen=True)
+class ToyLayout(Layout):
+    """A user format the package does not know: ``<dir>/<split>/id<pid>-cam<camera>-<n>.png``."""
+
+    def required(self, options: DatasetOptions) -> list[str]:
+        return ["train", "query", "gallery"]
+
+    def tree(self, options: DatasetOptions) -> list[tuple[int, str, str]]:
+        return [(1, f"{s}/", "id<pid>-cam<camera>-<n>.png") for s in ("train", "query", "gallery")]
+
+    def load(self, root, options: DatasetOptions) -> ReIDDataset:
+        folder = self.find(root, options)
+        splits = {}
+        for split in ("train", "query", "gallery"):
+            splits[split] = []
+            for path in sorted((folder / split).iterdir()):
+                pid, cam, _ = re.fullmatch(r"id(\d+)-cam(\d+)-(\d+)\.png", path.name).groups()
+                splits[split].append(ImageRecord(str(path), int(pid), int(cam), 0))
+        train = splits["train"]
+        relabel = {p: i for i, p in enumerate(sorted({r.pid for r in train}))}
+        train = [r._replace(pid=relabel[r.pid]) for r in train]
+        return ReIDDataset(self.name, train, splits["query"], splits["gallery"], root=str(folder))
+
+
+def test_user_registered_layout_loads_through_the_config(tmp_path, monkeypatch):
+    monkeypatch.setattr(DATASETS, "_items", dict(DATASETS._items))  # registry restored afterwards
+    d = tmp_path / "ToyData"
+    names = {
+        "train": [(7, 0, 0), (7, 1, 1), (9, 0, 2), (9, 1, 3), (12, 0, 4), (12, 1, 5)],
+        "query": [(20, 0, 0), (21, 1, 1)],
+        "gallery": [(20, 1, 2), (21, 0, 3), (22, 0, 4)],
+    }
+    for split, items in names.items():
+        (d / split).mkdir(parents=True)
+        for pid, cam, n in items:
+            Image.new("RGB", (8, 16), (pid * 10, cam * 100, n)).save(
+                d / split / f"id{pid}-cam{cam}-{n}.png"
+            )
+    opts = [
+        "DATASETS.NAMES", "['toy']", "DATASETS.ROOT_DIR", str(tmp_path),
+        "INPUT.SIZE_TRAIN", "[32, 16]", "INPUT.SIZE_TEST", "[32, 16]",
+        "DATALOADER.NUM_WORKERS", "0", "DATALOADER.NUM_INSTANCE", "2",
+        "SOLVER.STAGE2.IMS_PER_BATCH", "4",
+    ]  # fmt: skip
+    # An unknown name is refused when the config is loaded, before any data is read.
+    with pytest.raises(ConfigError, match="DATASETS.NAMES = 'toy'"):
+        load_cfg(None, opts)
+
+    layout = register_dataset(ToyLayout(name="toy", dataset_dirs=("ToyData",)))
+    assert "toy" in DATASETS.names() and get_layout("toy") is layout
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset(ToyLayout(name="toy", dataset_dirs=("Elsewhere",)))
+    assert register_dataset(layout, overwrite=True) is layout
+
+    cfg = load_cfg(None, opts)
+    dataset, _ = build_datasets(cfg)
+    # train pids 7, 9, 12 -> 0, 1, 2 (file names sort 'id12' first); camids as written
+    expected = [(2, 0), (2, 1), (0, 0), (0, 1), (1, 0), (1, 1)]
+    assert [(r.pid, r.camid) for r in dataset.train] == expected
+    b = build_dataloaders(cfg)
+    assert (b.num_classes, b.num_cameras, b.num_query) == (3, 2, 2)
+    assert [r.path for r in b.val.dataset.records] == [
+        str(d / s / f"id{p}-cam{c}-{n}.png") for s in ("query", "gallery") for p, c, n in names[s]
+    ]
+    batch = next(iter(b.train_stage2))
+    by_path = {r.path: r.pid for r in dataset.train}
+    assert [by_path[p] for p in batch["paths"]] == batch["pids"].tolist()
+    assert sorted(Counter(batch["pids"].tolist()).values()) == [2, 2]
+    val = next(iter(b.val))
+    assert val["pids"].tolist()[:5] == [20, 21, 20, 21, 22]
+
+
+def test_unreadable_eval_images_fail_fast_or_are_left_out(tmp_path, caplog):
+    broken, clean = tmp_path / "broken", tmp_path / "clean"
+    folder = generate_synthetic_reid(broken, num_ids=8, num_cameras=2, size=(32, 16))
+    shutil.copytree(broken, clean)
+    bad_query = sorted((folder / "query").iterdir())[1]
+    bad_gallery = next(
+        p for p in sorted((folder / "bounding_box_test").iterdir()) if p.name[0] != "-"
+    )
+    bad_query.write_bytes(bad_query.read_bytes()[:300])  # truncated
+    bad_gallery.write_bytes(b"\xff\xd8 garbage")
+    for p in (bad_query, bad_gallery):  # the clean tree is the broken one without those files
+        (clean / p.relative_to(broken)).unlink()
+
+    def cfg_for(root, skip):
+        opts = [
+            "DATASETS.NAMES", "['market1501']", "DATASETS.ROOT_DIR", str(root),
+            "DATASETS.SKIP_CORRUPT", str(skip), "INPUT.SIZE_TRAIN", "[32, 16]",
+            "INPUT.SIZE_TEST", "[32, 16]", "DATALOADER.NUM_WORKERS", "0",
+            "SOLVER.STAGE2.IMS_PER_BATCH", "8", "MODEL.DEVICE", "cpu",
+        ]  # fmt: skip
+        return load_cfg(None, opts)
+
+    with pytest.raises(CorruptImageError) as err:
+        build_dataloaders(cfg_for(broken, False))
+    msg = str(err.value)
+    assert "2 query/gallery image(s) cannot be read" in msg
+    assert str(bad_query) in msg and str(bad_gallery) in msg and "DATASETS.SKIP_CORRUPT" in msg
+
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        skipped = build_dataloaders(cfg_for(broken, True))
+    reference = build_dataloaders(cfg_for(clean, False))
+    full = build_datasets(cfg_for(broken, True))[0]
+    # exactly the two unreadable images are gone: one query, one gallery
+    assert skipped.num_query == len(full.query) - 1 == reference.num_query
+    assert len(skipped.dataset.gallery) == len(full.gallery) - 1 == len(reference.dataset.gallery)
+    val_paths = [r.path for r in skipped.val.dataset.records]
+    assert str(bad_query) not in val_paths and str(bad_gallery) not in val_paths
+    assert not skipped.val.dataset.skip_corrupt  # evaluation never substitutes an image
+    assert f"left out of the evaluation: {bad_query}" in caplog.text
+    assert f"left out of the evaluation: {bad_gallery}" in caplog.text
+    assert "2 unreadable query/gallery image(s) left out of the evaluation" in caplog.text
+
+    settings = build_eval_settings(cfg_for(clean, False))
+    model, cpu = MeanColour(), torch.device("cpu")
+    got = evaluate_bundle(model, skipped, settings, cpu)
+    want = evaluate_bundle(model, reference, settings, cpu)
+    assert got == pytest.approx(want, abs=1e-6) and got["mAP"] > 0

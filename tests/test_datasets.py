@@ -6,23 +6,26 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from configs.defaults import get_cfg_defaults
 from datasets.bases import (
+    ISSUE,
+    ISSUE_NON_IMAGE,
     CorruptImageError,
     DatasetFormatError,
     DatasetLayoutError,
-    DatasetOptions,
-    ImageDataset,
     ImageRecord,
     SplitStats,
 )
 from datasets.build import build_datasets, get_layout
 from datasets.custom import CSV, FOLDER
 from datasets.dukemtmc import DUKEMTMC, OCC_DUKE
+from datasets.image_dataset import ImageDataset, check_images_readable, read_image
+from datasets.layouts import DatasetOptions
 from datasets.market1501 import MARKET1501
 from datasets.msmt17 import MSMT17
 from datasets.vehicleid import VEHICLEID
@@ -366,13 +369,13 @@ def test_tsv_dataset_paths_relative_to_root_dir(tmp_path):
     touch(tmp_path / "images", ["a.jpg", "q.jpg", "g.jpg"])
     (tmp_path / "meta").mkdir()
     (tmp_path / "meta/list.tsv").write_text(
-        "split\tpath\tpid\ntrain\timages/a.jpg\tcat\nquery\timages/q.jpg\tdog\n"
-        "gallery\timages/g.jpg\tdog\n"
+        "split\tpath\tpid\ntrain\timages/a.jpg\t3\nquery\timages/q.jpg\t8\n"
+        "gallery\timages/g.jpg\t8\n"
     )
     ds = CSV.load(tmp_path, DatasetOptions(list_file="meta/list.tsv"))  # relative to ROOT_DIR
     assert ds.train == [rec(tmp_path / "images/a.jpg", 0, 0)]
-    assert ds.query == [rec(tmp_path / "images/q.jpg", 0, 0)]
-    assert ds.gallery == [rec(tmp_path / "images/g.jpg", 0, 1)]
+    assert ds.query == [rec(tmp_path / "images/q.jpg", 8, 0)]
+    assert ds.gallery == [rec(tmp_path / "images/g.jpg", 8, 1)]
     (tmp_path / "meta/bad.csv").write_text("file,pid,split\nimages/a.jpg,1,train\n")
     with pytest.raises(DatasetFormatError, match=r"lacks column\(s\) \['path'\].*found"):
         CSV.load(tmp_path, DatasetOptions(list_file="meta/bad.csv"))
@@ -425,7 +428,8 @@ def test_unknown_name_lists_valid_names_and_closest():
     with pytest.raises(ValueError) as err:
         get_layout("Market1501x")
     msg = str(err.value)
-    assert "Did you mean 'market1501'" in msg
+    assert isinstance(err.value, KeyError)  # the registry's UnknownNameError, also a ValueError
+    assert "DATASETS.NAMES = 'Market1501x'" in msg and "did you mean 'market1501'" in msg
     assert all(n in msg for n in ("msmt17", "occ_duke", "VehicleID", "folder", "csv", "synthetic"))
     with pytest.raises(ValueError, match="'VehicleID'"):
         get_layout("vehicleid")
@@ -475,3 +479,102 @@ def test_corrupt_image_named_or_skipped(tmp_path, caplog):
     write_image(bmp, (1, 2, 3))
     image = ImageDataset([rec(bmp, 1, 0)])[0]["image"]
     assert image.shape == (3, 16, 8) and image[:, 5, 5].tolist() == [1, 2, 3]
+
+
+def test_csv_non_integer_ids_are_rejected_with_file_and_line(tmp_path):
+    touch(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg"])
+    lst = tmp_path / "data.csv"
+    # the blank line 3 is skipped by the CSV reader; line numbers still count it
+    lst.write_text("path,pid,camid,split\nimgs/a.jpg,7,0,train\n\nimgs/b.jpg,1O,1,query\n")
+    with pytest.raises(DatasetFormatError, match=r"data\.csv:4: pid '1O' is not an integer"):
+        CSV.load(tmp_path, DatasetOptions(list_file=str(lst)))
+    lst.write_text("path,pid,camid,split\nimgs/a.jpg,7,0,train\nimgs/b.jpg,8,c2,query\n")
+    with pytest.raises(DatasetFormatError, match=r"data\.csv:3: camid 'c2' is not a non-neg"):
+        CSV.load(tmp_path, DatasetOptions(list_file=str(lst)))
+
+
+def test_csv_missing_or_extra_column_names_the_file_and_columns(tmp_path):
+    touch(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg"])
+    lst = tmp_path / "data.csv"
+    lst.write_text("path,pid,split\nimgs/a.jpg,7,train\nimgs/b.jpg,8\nimgs/c.jpg,8,gallery\n")
+    with pytest.raises(DatasetFormatError) as err:
+        CSV.load(tmp_path, DatasetOptions(list_file=str(lst)))
+    msg = str(err.value)
+    assert f"{lst}:3: missing column(s) ['split']" in msg
+    assert "the line has 2 field(s), the header names ['path', 'pid', 'split']" in msg
+    assert "not one of" not in msg  # not reported as a bad split value
+    lst.write_text("path,pid,split\nimgs/a.jpg,7,train,5\n")
+    with pytest.raises(DatasetFormatError, match=r"data\.csv:2: 1 field\(s\) more than the header"):
+        CSV.load(tmp_path, DatasetOptions(list_file=str(lst)))
+
+
+def issue_records(caplog, kind: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if getattr(r, ISSUE, None) == kind]
+
+
+def test_non_image_files_are_counted_in_one_warning_per_folder(tmp_path, caplog):
+    touch(tmp_path / "train/alice", ["a_c1.jpg", "notes.txt", ".DS_Store"])
+    touch(tmp_path / "train/bob", ["b_c2.jpg", "b_c2.jpg.part"])
+    touch(tmp_path / "train", ["README.md"])
+    touch(tmp_path / "query/carol", ["q_c1.jpg"])
+    touch(tmp_path / "gallery/carol", ["g_c2.jpg"])
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        ds = FOLDER.load(tmp_path, OPTS)
+    assert len(ds.train) == 2
+    messages = [r.getMessage() for r in issue_records(caplog, ISSUE_NON_IMAGE)]
+    assert messages == [
+        f"folder: 1 file(s) in {tmp_path / 'train'} skipped: outside the identity folders; "
+        "e.g. README.md",
+        f"folder: 3 file(s) in {tmp_path / 'train'} skipped: not images (extension not one of "
+        ".jpg .jpeg .png .bmp .webp .tif .tiff); e.g. alice/.DS_Store, alice/notes.txt, "
+        "bob/b_c2.jpg.part",
+    ]
+    caplog.clear()
+    make_market(tmp_path / "m")  # Thumbs.db in bounding_box_train
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        MARKET1501.load(tmp_path / "m", OPTS)
+    (record,) = issue_records(caplog, ISSUE_NON_IMAGE)
+    assert "market1501: 1 file(s) in" in record.getMessage()
+    assert record.getMessage().endswith(
+        "bounding_box_train skipped: not images (extension not "
+        "one of .jpg .jpeg .png .bmp .webp .tif .tiff); e.g. Thumbs.db"
+    )
+
+
+def test_check_images_readable_matches_full_decoding(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)
+    good = tmp_path / "good.jpg"
+    Image.fromarray(pixels).save(good, quality=90)
+    data = good.read_bytes()
+    files = {
+        "good.jpg": data,
+        "padded.jpg": data + b"\0" * 20,  # bytes after the end marker: decoders accept it
+        "half.jpg": data[: len(data) // 2],
+        "no_end_marker.jpg": data[:-2],
+        "garbage.jpg": b"\xff\xd8 definitely not a jpeg",
+        "text.png": b"hello",
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    Image.fromarray(pixels).save(tmp_path / "good.png")
+    png = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "half.png").write_bytes(png[: len(png) // 2])
+    names = [*files, "good.png", "half.png", "missing.jpg"]
+    records = [rec(tmp_path / n, i, 0) for i, n in enumerate(names)]
+    records.append(records[2])  # a path listed twice is reported once
+
+    expected = []  # brute force: the files the training decoder refuses
+    for name in names:
+        try:
+            read_image(str(tmp_path / name))
+        except CorruptImageError:
+            expected.append(str(tmp_path / name))
+    assert [Path(p).name for p in expected] == [
+        "half.jpg", "no_end_marker.jpg", "garbage.jpg", "text.png", "half.png", "missing.jpg"
+    ]  # fmt: skip
+    bad = check_images_readable(records, "test")
+    assert [b.path for b in bad] == expected
+    assert [b.path for b in check_images_readable(records, "test", decode=True)] == expected
+    assert dict(bad)[str(tmp_path / "missing.jpg")] == "no such file"
+    assert all(b.reason for b in bad)

@@ -7,6 +7,7 @@ from PIL import Image
 
 from configs.config import load_cfg
 from datasets.build import build_dataloaders
+from datasets.image_dataset import ImageDataset, collate_batch
 from processor.evaluate import (
     FeatureSet,
     build_eval_settings,
@@ -78,7 +79,9 @@ def test_vehicleid_trials_average_matches_brute_force(tmp_path):
 
     expected = []
     for trial in range(3):
-        loader = data.val_for_trial(trial)
+        split = data.dataset.for_trial(trial)
+        trial_set = ImageDataset(split.query + split.gallery, data.val.dataset.transform)
+        loader = torch.utils.data.DataLoader(trial_set, batch_size=8, collate_fn=collate_batch)
         feats, pids, cams = [], [], []
         for batch in loader:
             feats.append(model.encode_image(batch["images"]).detach())

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from datasets.bases import SampleKey
 from datasets.build import build_train_sampler
+from datasets.image_dataset import SampleKey
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
 
 

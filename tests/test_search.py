@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from configs.config import load_cfg, save_cfg
-from datasets.bases import read_image
+from datasets.image_dataset import read_image
 from datasets.synthetic import generate_synthetic_reid
 from datasets.transforms import build_test_transform
 from model.build import build_model

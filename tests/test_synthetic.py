@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.bases import DatasetOptions
+from datasets.layouts import DatasetOptions
 from datasets.market1501 import MARKET1501
 from datasets.synthetic import SYNTHETIC, generate_synthetic_reid
 from tools.make_synthetic import main as make_synthetic_main

@@ -12,7 +12,8 @@ from PIL import Image
 from timm.data.random_erasing import RandomErasing
 
 from configs.defaults import get_cfg_defaults
-from datasets.bases import ImageDataset, ImageRecord, SampleKey
+from datasets.bases import ImageRecord
+from datasets.image_dataset import ImageDataset, SampleKey
 from datasets.transforms import build_test_transform, build_train_transform, build_transforms
 
 MEAN = (0.485, 0.456, 0.406)

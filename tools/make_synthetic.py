@@ -19,7 +19,7 @@ from collections.abc import Sequence
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.bases import DatasetOptions  # noqa: E402
+from datasets.layouts import DatasetOptions  # noqa: E402
 from datasets.market1501 import MARKET1501  # noqa: E402
 from datasets.synthetic import generate_synthetic_reid  # noqa: E402
 

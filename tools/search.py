@@ -42,13 +42,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
 from configs.config import load_cfg  # noqa: E402
-from datasets.bases import (  # noqa: E402
-    IMAGE_EXTENSIONS,
-    CorruptImageError,
-    ImageDataset,
-    ImageRecord,
-    collate_batch,
-)
+from datasets.bases import IMAGE_EXTENSIONS, CorruptImageError, ImageRecord  # noqa: E402
+from datasets.image_dataset import ImageDataset, collate_batch  # noqa: E402
 from datasets.transforms import build_test_transform  # noqa: E402
 from model.checkpoint import build_model_from_checkpoint  # noqa: E402
 from model.reid_model import ReIDModel  # noqa: E402
