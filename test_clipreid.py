@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from datasets.build import build_dataloaders
 from model.build import build_model
-from model.checkpoint import load_reid_checkpoint
+from model.loading import load_reid_checkpoint
 from processor.evaluate import build_eval_settings, evaluate_bundle, extract_features, log_results
 from processor.visualize import write_ranked_lists
 from utils.cli import parse_and_setup

@@ -24,7 +24,8 @@ from processor.stage2 import (
 )
 from solver.optimizer import build_optimizer
 from solver.scheduler import build_scheduler
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_training_checkpoint as load_checkpoint
+from utils.checkpoint import save_checkpoint
 from utils.dist import all_gather_cat, barrier, broadcast_object, is_main_process
 from utils.logger import append_metrics
 from utils.seed import get_rng_state, seed_everything, set_rng_state

@@ -43,7 +43,7 @@ from torch import Tensor, nn  # noqa: E402
 from yacs.config import CfgNode  # noqa: E402
 
 from configs.config import load_cfg  # noqa: E402
-from model.checkpoint import build_model_from_checkpoint  # noqa: E402
+from model.loading import build_model_from_checkpoint  # noqa: E402
 from model.reid_model import ReIDModel  # noqa: E402
 from utils.logger import setup_logger  # noqa: E402
 

@@ -50,7 +50,7 @@ from datasets.bases import (  # noqa: E402
     collate_batch,
 )
 from datasets.transforms import build_test_transform  # noqa: E402
-from model.checkpoint import build_model_from_checkpoint  # noqa: E402
+from model.loading import build_model_from_checkpoint  # noqa: E402
 from model.reid_model import ReIDModel  # noqa: E402
 from processor.evaluate import build_eval_settings, extract_features  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
