@@ -18,7 +18,6 @@ it and which key to set instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -38,6 +37,7 @@ from utils.checkpoint import (
     atomic_write,
     is_torchscript_archive,
     read_checkpoint,
+    sha256_file,
     strip_wrapper_prefixes,
 )
 
@@ -108,23 +108,6 @@ def default_cache_dir() -> Path:
     """
     env = os.environ.get("CLIPREID_CACHE_DIR")
     return Path(env).expanduser() if env else Path("~/.cache/clip").expanduser()
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Full SHA-256 hex digest of a file, read in chunks.
-
-    Args:
-        path: file to hash.
-        chunk_size: bytes per read.
-
-    Returns:
-        64 lowercase hex characters.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _download(url: str, dst: Path) -> None:

@@ -10,7 +10,7 @@ import yaml
 from configs.config import _flatten, _to_dict, load_cfg
 from configs.defaults import LEGACY_KEYS
 from tests.conftest import OFFICIAL_CONFIGS, ROOT
-from tools.reproduce import TABLES
+from tools.paper_tables import TABLES
 
 CONFIG_DIR = os.path.join(ROOT, "configs")
 SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yml"), recursive=True))

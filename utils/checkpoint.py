@@ -16,6 +16,7 @@ write their files through this module without loading torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "load_training_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
+    "sha256_file",
     "strip_wrapper_prefixes",
     "write_json",
     "write_text",
@@ -230,6 +232,23 @@ def read_checkpoint(
         raise CheckpointFormatError(
             f"{where} cannot be read ({reason}; truncated or damaged?): expected {expected}"
         ) from None
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Full SHA-256 hex digest of a file, read in chunks.
+
+    Args:
+        path: file to hash.
+        chunk_size: bytes per read.
+
+    Returns:
+        64 lowercase hex characters.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
