@@ -11,5 +11,3 @@ import torch  # noqa: E402
 
 # Tiny models run fastest single-threaded, and a busy machine cannot stall them in thread sync.
 torch.set_num_threads(1)
-
-OFFICIAL_CONFIGS = os.path.join(os.path.dirname(ROOT), "shared", "reference", "official_configs")
