@@ -15,6 +15,7 @@ from model.loading import build_model_from_checkpoint, load_reid_checkpoint
 from solver.optimizer import build_optimizer
 from solver.scheduler import build_scheduler
 from tests.clip_fixtures import make_cfg
+from tests.conftest import PickleExploit
 from utils.checkpoint import (
     TRAINING_KEYS,
     CheckpointFormatError,
@@ -75,24 +76,14 @@ def test_strip_wrapper_prefixes():
 # ------------------------------------------------------------------------------------------------
 # Safe reading
 # ------------------------------------------------------------------------------------------------
-class _Exploit:
-    """Pickles to a call of os.system that would create the marker file when unpickled."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _crafted_files(tmp_path):
     marker = tmp_path / "pwned"
     as_torch = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.zeros(1)}, "x": _Exploit(str(marker))}, as_torch)
+    torch.save({"model": {"w": torch.zeros(1)}, "x": PickleExploit(str(marker))}, as_torch)
     files = [as_torch]
     for protocol in (2, pickle.HIGHEST_PROTOCOL):  # plain pickles, as torch's legacy format
         files.append(tmp_path / f"evil_raw{protocol}.pth")
-        files[-1].write_bytes(pickle.dumps({"state_dict": _Exploit(str(marker))}, protocol))
+        files[-1].write_bytes(pickle.dumps({"state_dict": PickleExploit(str(marker))}, protocol))
     return marker, files
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 from configs.config import ConfigError, load_cfg
 from datasets.bases import DatasetLayoutError
 from model.loading import CheckpointMismatchError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, restored_root_logger
 from utils.checkpoint import CheckpointFormatError
 from utils.cli import (
     DEBUG_ENV,
@@ -35,15 +34,8 @@ DEMO = "configs/demo/clipreid_tiny.yml"
 @pytest.fixture(autouse=True)
 def _restore_logging():
     """parse_and_setup configures the root logger as entry scripts do; put it back."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-    logging.captureWarnings(False)
+    with restored_root_logger():
+        yield
 
 
 # ------------------------------------------------------------------------------------------------

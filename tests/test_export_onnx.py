@@ -1,7 +1,6 @@
 """ONNX export of the evaluation feature: onnxruntime output against PyTorch's ``encode_image``."""
 
 import json
-import os
 import sys
 
 import onnx
@@ -14,6 +13,7 @@ from configs.config import save_cfg
 from model.build import build_model
 from model.loading import CheckpointMismatchError
 from tests.clip_fixtures import make_cfg
+from tests.conftest import PickleExploit
 from tools import export_onnx
 from utils.checkpoint import CheckpointFormatError
 from utils.cli import UsageError
@@ -52,14 +52,6 @@ def _trained_run(tmp_path, name="ViT-T-16-test", seed=0, **overrides):
     save_cfg(cfg, str(config))
     argv = ["--config_file", str(config), "--weights", str(weights), "--out"]
     return model, argv
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def _session(path):
@@ -208,7 +200,7 @@ def test_errors_name_the_problem(tmp_path, monkeypatch):
         export_onnx.main(bad)
     # A crafted pickle as --weights is refused unread: the command in it never runs.
     marker = tmp_path / "pwned"
-    torch.save({"model": _Exploit(str(marker))}, missing)
+    torch.save({"model": PickleExploit(str(marker))}, missing)
     with pytest.raises(CheckpointFormatError, match=r"--weights .*nope\.pth.*not loaded"):
         export_onnx.main(bad)
     assert not marker.exists()

@@ -1,7 +1,6 @@
 """tools/search.py: index features vs. direct evaluation features, ranking vs. brute force."""
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -14,6 +13,7 @@ from datasets.bases import read_image
 from datasets.synthetic import generate_synthetic_reid
 from datasets.transforms import build_test_transform
 from model.build import build_model
+from tests.conftest import PickleExploit, restored_root_logger
 from tools import search
 from utils.checkpoint import CheckpointFormatError, sha256_file
 
@@ -23,15 +23,8 @@ H, W = 64, 32
 @pytest.fixture(autouse=True, scope="module")
 def _restore_logging():
     """The tool configures the root logger (as entry scripts do); later test files expect none."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-    logging.captureWarnings(False)
+    with restored_root_logger():
+        yield
 
 
 def _opts(out, extra=()):
@@ -248,20 +241,10 @@ def test_camera_sie_needs_a_camera_id(tmp_path):
     assert not torch.allclose(feats, torch.nn.functional.normalize(no_sie, dim=1), atol=1e-3)
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_crafted_weights_or_index_are_refused_unread(env, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    torch.save({"model": _Exploit(str(marker))}, evil)
+    torch.save({"model": PickleExploit(str(marker))}, evil)
     argv = ["index", "--config-file", env["config"], "--weights", str(evil)]
     argv += ["--gallery", str(env["gallery"]), "--out", str(tmp_path / "i.pt")]
     with pytest.raises(CheckpointFormatError, match=r"--weights .*evil\.pth.*not loaded"):
