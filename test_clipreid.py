@@ -1,26 +1,26 @@
 """Evaluate a checkpoint (this project's or an official CLIP-ReID one) on a dataset's query/gallery.
 
 Usage:
-    python test_clipreid.py --config_file configs/person/vit_clipreid.yml \
+    python test_clipreid.py --config-file configs/person/vit_clipreid.yml \
         TEST.WEIGHT runs/market_vit/ViT-B-16_60.pth DATASETS.ROOT_DIR /data
 
 Prints "mAP: x.x%" and "Rank-1/5/10: x.x%" lines as the official script does and writes the
 full-precision results to OUTPUT_DIR/test_metrics.json. With ``TEST.VISUALIZE N`` it also draws
 the ranked lists (top ``TEST.VISUALIZE_TOPK``) of the N lowest-AP queries into
-OUTPUT_DIR/ranked_lists/ (VehicleID: the first gallery draw only).
+OUTPUT_DIR/ranked_lists/ (VehicleID: the first gallery draw only). A user error prints its
+message and exits with status 2 (``--debug`` or ``CLIPREID_DEBUG=1``: with the traceback).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 
+from configs.config import ConfigError
 from datasets.build import build_dataloaders
 from model.build import build_model
-from model.checkpoint import load_reid_checkpoint
+from model.loading import load_reid_checkpoint
 from processor.evaluate import (
     build_eval_settings,
     evaluate_trials,
@@ -29,18 +29,29 @@ from processor.evaluate import (
     summarize_trials,
 )
 from processor.ranked_lists import write_ranked_lists
-from utils.cli import parse_and_setup
+from utils.checkpoint import write_json
+from utils.cli import parse_and_setup, run_main
 
 logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Evaluate ``TEST.WEIGHT``; returns the summary written to test_metrics.json."""
+    """Evaluate ``TEST.WEIGHT``.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The summary written to OUTPUT_DIR/test_metrics.json.
+
+    Raises:
+        configs.config.ConfigError: TEST.WEIGHT unset or TEST.VISUALIZE* out of range.
+    """
     cfg, device = parse_and_setup(
         argv, "Evaluate a ReID checkpoint.", "test_log.txt", config_name="test_config.yaml"
     )
     if not cfg.TEST.WEIGHT:
-        raise SystemExit(
+        raise ConfigError(
             "set TEST.WEIGHT to the checkpoint to evaluate (e.g. TEST.WEIGHT run/x.pth)"
         )
     data = build_dataloaders(cfg)
@@ -48,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         cfg, data.num_classes, data.num_cameras, data.num_views, load_pretrained=False
     )
     if cfg.TEST.VISUALIZE < 0 or cfg.TEST.VISUALIZE_TOPK < 1:
-        raise SystemExit(
+        raise ConfigError(
             f"TEST.VISUALIZE must be >= 0 (got {cfg.TEST.VISUALIZE}) and TEST.VISUALIZE_TOPK "
             f">= 1 (got {cfg.TEST.VISUALIZE_TOPK})"
         )
@@ -61,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     results = evaluate_trials(features, data, settings, keep_topk=keep_topk)
     summary = summarize_trials(results)
     log_results(summary, f"Test results of {cfg.TEST.WEIGHT}")
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "test_metrics.json"), "w", encoding="utf-8") as f:
-        json.dump({"weight": cfg.TEST.WEIGHT, **summary}, f, indent=2)
+    write_json(
+        os.path.join(cfg.OUTPUT_DIR, "test_metrics.json"), {"weight": cfg.TEST.WEIGHT, **summary}
+    )
     if cfg.TEST.VISUALIZE > 0:
         _write_ranked_lists(cfg, data, features, results[0], settings)
     print(f"mAP: {100 * summary['mAP']:.1f}%")
@@ -92,4 +103,4 @@ def _write_ranked_lists(cfg, data, features, result, settings) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

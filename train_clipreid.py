@@ -1,24 +1,34 @@
 """Train a ReID model from a YAML config: CLIP-ReID (stage 1 then stage 2), one-stage or baseline.
 
 Usage:
-    python train_clipreid.py --config_file configs/person/vit_clipreid.yml \
+    python train_clipreid.py --config-file configs/person/vit_clipreid.yml \
         DATASETS.NAMES market1501 DATASETS.ROOT_DIR /data OUTPUT_DIR runs/market_vit
-    python train_clipreid.py --config_file ... --resume        # continue OUTPUT_DIR/last.pth
-    torchrun --nproc_per_node=4 train_clipreid.py --config_file ...   # data-parallel, 4 GPUs
+    python train_clipreid.py --config-file ... OUTPUT_DIR runs/x --resume  # from runs/x/last.pth
+    python train_clipreid.py --config-file ... --resume runs/x/last.pth OUTPUT_DIR runs/y
+    torchrun --nproc_per_node=4 train_clipreid.py --config-file ...   # data-parallel, 4 GPUs
+
+A user error (config, dataset, checkpoint) prints its message and exits with status 2;
+``--debug`` or ``CLIPREID_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from processor.train import train
-from utils.cli import parse_and_setup
+from utils.cli import parse_and_setup, run_main
 from utils.dist import cleanup, is_main_process
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Run training; returns the final evaluation summary."""
+    """Run training.
+
+    Args:
+        argv: arguments without the program name (None: ``sys.argv[1:]``).
+
+    Returns:
+        The final evaluation summary (mAP, mINP, rank1, rank5, rank10, num_valid_queries).
+    """
     cfg, device = parse_and_setup(
         argv, "Train CLIP-ReID / baseline ReID models.", "train_log.txt", resume_flag=True
     )
@@ -36,4 +46,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -12,38 +12,35 @@ images (generated into a temporary folder), to a 256 x 128 output:
 
 Sources: 128 x 64 images (Market-1501's size, upsampled) and 384 x 192 (downsampled).
 
-Usage:
-    python benchmarks/data_pipeline.py
-    python benchmarks/data_pipeline.py --repeats 5 --write-docs
+Usage (from the repository root):
+    python -m benchmarks.data_pipeline
+    python -m benchmarks.data_pipeline --repeats 5 --write-docs
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import re
-import sys
 import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Sequence
 
+import PIL
+import torch
+import torchvision
+from PIL import Image
+from timm.data.random_erasing import RandomErasing
+from torchvision import transforms as T
+
+from datasets.image_dataset import ImageDataset, SampleKey
+from datasets.layouts import DatasetOptions
+from datasets.synthetic import SYNTHETIC
+from datasets.transforms import build_test_transform, build_train_transform
+from utils.cli import make_parser, parse_args, run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import PIL  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
-from timm.data.random_erasing import RandomErasing  # noqa: E402
-from torchvision import transforms as T  # noqa: E402
-
-from datasets.image_dataset import ImageDataset, SampleKey  # noqa: E402
-from datasets.layouts import DatasetOptions  # noqa: E402
-from datasets.synthetic import SYNTHETIC  # noqa: E402
-from datasets.transforms import build_test_transform, build_train_transform  # noqa: E402
 
 OUT = (256, 128)
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -168,7 +165,7 @@ def write_docs(rows: Sequence[dict], repeats: int, path: str = DOCS) -> None:
         "to-float + normalise step, per-sample seeded augmentation). *PIL + v1*: the official "
         "recipe: PIL decoding, torchvision v1 transforms and timm `RandomErasing(mode='pixel')`. "
         f"Best of {repeats} passes of {rows[0]['n']} images; regenerate with "
-        "`python benchmarks/data_pipeline.py --write-docs`."
+        "`python -m benchmarks.data_pipeline --write-docs`."
     )
     notes = (
         "Where the difference comes from: libjpeg-turbo decoding straight to a tensor (1.3x to 2x "
@@ -215,12 +212,17 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     Returns:
         The measured rows.
     """
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = make_parser(
+        __doc__.split("\n\n")[0],
+        prog="python -m benchmarks.data_pipeline",
+        config=None,
+        overrides=False,
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed passes; the best counts")
     p.add_argument("--num-images", type=int, default=384, help="images per pass")
     p.add_argument("--root", default="", help="where to generate the images (default: a temp dir)")
     p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
-    args = p.parse_args(argv)
+    args, _ = parse_args(p, argv, overrides=False)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.root or tmp, args.repeats, args.num_images)
     print(table(rows))
@@ -231,4 +233,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

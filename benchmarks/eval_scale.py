@@ -17,10 +17,10 @@ memory (the process's resident-set high-water mark) is measured separately:
 * interleaved: floor and ours alternately in one process, best of each: on a shared machine this
   ratio is steadier than that of two separate processes run at different times.
 
-Usage:
-    python benchmarks/eval_scale.py --sizes market msmt17
-    python benchmarks/eval_scale.py --small
-    python benchmarks/eval_scale.py --sizes market --variants floor ours dense --json out.json
+Usage (from the repository root):
+    python -m benchmarks.eval_scale --sizes market msmt17
+    python -m benchmarks.eval_scale --small
+    python -m benchmarks.eval_scale --sizes market --variants floor ours dense --json out.json
 """
 
 from __future__ import annotations
@@ -34,21 +34,20 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from utils.distance import (  # noqa: E402
+from utils.cli import make_parser, parse_args, run_main
+from utils.distance import (
     DEFAULT_MEMORY_BUDGET_MB,
     distance_chunks,
     squared_euclidean_distance,
 )
-from utils.metrics import block_rows, eval_func, evaluate_features  # noqa: E402
-from utils.reranking import RerankParams  # noqa: E402
+from utils.metrics import block_rows, eval_func, evaluate_features
+from utils.reranking import RerankParams
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (queries, gallery, identities in query and gallery, gallery-only distractor ids, cameras)
 SIZES = {
@@ -336,7 +335,12 @@ def _dense_plan(
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(
+        __doc__.split("\n\n")[0],
+        prog="python -m benchmarks.eval_scale",
+        config=None,
+        overrides=False,
+    )
     parser.add_argument("--sizes", nargs="+", default=["market"], choices=sorted(SIZES))
     parser.add_argument("--small", action="store_true", help="quick run on the small size only")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
@@ -366,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_in_subprocess(args: argparse.Namespace, variant: str, name: str) -> dict:
     """Run one variant in a worker process (its own peak memory); returns its result."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--sizes", name]
+    cmd = [sys.executable, "-m", "benchmarks.eval_scale", "--worker", variant, "--sizes", name]
     for flag in ("dim", "memory_mb", "k1", "k2", "lambda_value", "threads", "repeat"):
         cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     note = ""
@@ -378,7 +382,7 @@ def _run_in_subprocess(args: argparse.Namespace, variant: str, name: str) -> dic
         if subset is not None:
             cmd += ["--dense-queries", str(subset)]
     print(f"[{name}] {variant} ...", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout)[-2000:]
@@ -396,7 +400,7 @@ def _run_in_subprocess(args: argparse.Namespace, variant: str, name: str) -> dic
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run the requested sizes and variants, print a table, optionally write JSON."""
-    args = _parser().parse_args(argv)
+    args, _ = parse_args(_parser(), argv, overrides=False)
     if args.threads:
         torch.set_num_threads(args.threads)
     rerank = RerankParams(args.k1, args.k2, args.lambda_value)
@@ -477,4 +481,4 @@ def print_table(results: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -39,6 +39,7 @@ from processor.recipes import RECIPES, get_recipe
 from processor.stage1 import STAGE1_MODES
 from solver.optimizer import OPTIMIZERS
 from solver.scheduler import WARMUP_METHODS
+from utils.checkpoint import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -346,14 +347,10 @@ def load_cfg(config_file: str | None = None, opts: Sequence[str] = (), freeze: b
 
 
 def save_cfg(cfg: CN, path: str) -> None:
-    """Write the resolved configuration as YAML (loadable again with ``load_cfg``).
+    """Write the resolved configuration as YAML (loadable again with ``load_cfg``), atomically.
 
     Args:
         cfg: the configuration to save.
         path: destination file; its folder is created.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(cfg.dump())
-    os.replace(tmp, path)
+    write_text(path, cfg.dump())

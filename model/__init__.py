@@ -1,13 +1,13 @@
 """Model: CLIP towers with the ReID changes, prompt learner, the ReID model and its builders."""
 
 from model.build import build_model
-from model.checkpoint import (
+from model.clip.arch import CLIPArch, FeatureDims, get_arch, list_archs, register_arch
+from model.loading import (
     CheckpointLoadReport,
     CheckpointMismatchError,
     extract_state_dict,
     load_reid_checkpoint,
 )
-from model.clip.arch import CLIPArch, FeatureDims, get_arch, list_archs, register_arch
 from model.prompt_learner import PromptLearner, format_prompt_template
 from model.reid_model import ReIDModel, ReIDTrainOutput
 from model.weights import WeightsUnavailableError, create_pretrained_clip

@@ -18,14 +18,12 @@ it and which key to set instead.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +32,18 @@ import torch
 from torch import Tensor, nn
 
 from model.clip.arch import CLIPArch, create_clip
+from utils.checkpoint import (
+    CheckpointFormatError,
+    atomic_write,
+    is_torchscript_archive,
+    read_checkpoint,
+    sha256_file,
+    strip_wrapper_prefixes,
+)
 
 __all__ = [
     "OPENAI_WEIGHTS",
+    "TRUST_ENV",
     "OpenAIWeights",
     "WeightsUnavailableError",
     "create_pretrained_clip",
@@ -51,6 +58,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Set to 1 to load a TorchScript archive that is not one of OpenAI's releases (it runs code).
+TRUST_ENV = "CLIPREID_TRUST_TORCHSCRIPT"
 # Entries of OpenAI's TorchScript archives that are not weights.
 _OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -101,23 +110,6 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/clip").expanduser()
 
 
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Full SHA-256 hex digest of a file, read in chunks.
-
-    Args:
-        path: file to hash.
-        chunk_size: bytes per read.
-
-    Returns:
-        64 lowercase hex characters.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download(url: str, dst: Path) -> None:
     """Fetch ``url`` into ``dst`` (tests replace this function to simulate being offline)."""
     with urllib.request.urlopen(url, timeout=60) as source, open(dst, "wb") as out:
@@ -166,54 +158,72 @@ def download_openai_weights(name: str, cache_dir: str | Path | None = None) -> P
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise WeightsUnavailableError(_offline_message(name, entry, target, err)) from err
-    partial = target.with_name(target.name + ".part")
+
+    def fetch_verified(tmp: str) -> None:
+        try:
+            _download(entry.url, Path(tmp))
+        except (urllib.error.URLError, OSError, TimeoutError) as err:
+            raise WeightsUnavailableError(_offline_message(name, entry, target, err)) from err
+        digest = sha256_file(tmp)
+        if digest != entry.sha256:
+            raise RuntimeError(
+                f"Downloaded {entry.url} but its SHA-256 is {digest}, expected {entry.sha256}; "
+                f"the file was discarded"
+            )
+
     logger.info("Downloading %s to %s", entry.url, target)
-    try:
-        _download(entry.url, partial)
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
-        partial.unlink(missing_ok=True)
-        raise WeightsUnavailableError(_offline_message(name, entry, target, err)) from err
-    digest = sha256_file(partial)
-    if digest != entry.sha256:
-        partial.unlink(missing_ok=True)
-        raise RuntimeError(
-            f"Downloaded {entry.url} but its SHA-256 is {digest}, expected {entry.sha256}; "
-            f"the file was discarded"
-        )
-    os.replace(partial, target)
+    atomic_write(target, fetch_verified)  # the file appears only once verified
     return target
 
 
-def _strip_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    if state_dict and all(k.startswith(prefix) for k in state_dict):
-        return {k[len(prefix) :]: v for k, v in state_dict.items()}
-    return state_dict
+def _known_release(digest: str) -> str | None:
+    """Name of the OpenAI release whose file has this SHA-256, if any."""
+    return next((name for name, e in OPENAI_WEIGHTS.items() if e.sha256 == digest), None)
 
 
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files with a ``code/`` folder; torch.save files have none."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in name for name in archive.namelist())
+def _load_torchscript(path: Path, trust: bool | None) -> dict[str, Tensor]:
+    """State dict of a TorchScript archive that is a known OpenAI release or explicitly trusted."""
+    if trust is None:
+        trust = os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
+    if not trust:
+        digest = sha256_file(path)
+        if _known_release(digest) is None:
+            raise CheckpointFormatError(
+                f"MODEL.PRETRAIN_PATH {str(path)!r} is a TorchScript archive whose SHA-256 "
+                f"{digest} is not one of OpenAI's CLIP releases ({', '.join(OPENAI_WEIGHTS)}); "
+                f"loading an archive runs the code inside it, so it was not loaded. Use "
+                f"OpenAI's file (MODEL.PRETRAIN_TAG 'openai' downloads and verifies it), a state "
+                f"dict or .safetensors file, or set {TRUST_ENV}=1 if you trust this archive"
+            )
+    with warnings.catch_warnings():
+        # torch.jit is deprecated but it is the only reader of OpenAI's archives.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
 
 
-def load_openai_state_dict(path: str | Path) -> dict[str, Tensor]:
+def load_openai_state_dict(path: str | Path, trust: bool | None = None) -> dict[str, Tensor]:
     """Read CLIP weights in OpenAI's key layout from a local file.
 
     Accepts OpenAI's TorchScript archives (only the state dict is used), plain state dicts
     (optionally nested under 'state_dict' and/or with 'module.' prefixes) and ``.safetensors``
     files. The three integer entries of the archives are dropped; dtypes are kept (fp16 tensors
-    are cast when copied into the fp32 model).
+    are cast when copied into the fp32 model). State dicts are read as plain data
+    (``utils.checkpoint.read_checkpoint``); an archive is loaded only when its SHA-256 is one of
+    ``OPENAI_WEIGHTS`` or it is trusted, since loading one runs its code.
 
     Args:
         path: the file (``MODEL.PRETRAIN_PATH``).
+        trust: load a TorchScript archive whatever its hash; None reads the
+            ``CLIPREID_TRUST_TORCHSCRIPT`` environment variable ('1' trusts).
 
     Returns:
         ``{key: tensor}`` with keys such as ``visual.conv1.weight`` and ``token_embedding.weight``.
 
     Raises:
         FileNotFoundError: the file does not exist.
+        utils.checkpoint.CheckpointFormatError: an unknown, untrusted TorchScript archive, or a
+            file that is not a state dict.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -222,18 +232,18 @@ def load_openai_state_dict(path: str | Path) -> dict[str, Tensor]:
         from safetensors.torch import load_file
 
         state_dict = dict(load_file(str(path), device="cpu"))
-    elif _is_torchscript(path):
-        with warnings.catch_warnings():
-            # torch.jit is deprecated but it is the only reader of OpenAI's archives.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", FutureWarning)
-            state_dict = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+    elif is_torchscript_archive(path):
+        state_dict = _load_torchscript(path, trust)
     else:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_checkpoint(path, "MODEL.PRETRAIN_PATH", "CLIP weights (a state dict)")
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             obj = obj["state_dict"]
-        state_dict = dict(obj)
-    state_dict = _strip_prefix(state_dict, "module.")
+        if not isinstance(obj, dict):
+            raise CheckpointFormatError(
+                f"MODEL.PRETRAIN_PATH {str(path)!r} holds a {type(obj).__name__}, not a state dict"
+            )
+        state_dict = obj
+    state_dict = strip_wrapper_prefixes(state_dict)
     for key in _OPENAI_INT_KEYS:
         state_dict.pop(key, None)
     return state_dict
@@ -307,7 +317,7 @@ def fetch_clip_state_dict(
                 f"'none' (random init) or MODEL.PRETRAIN_PATH"
             )
         file = download_openai_weights(arch.name, cache_dir)
-        return load_openai_state_dict(file), True
+        return load_openai_state_dict(file, trust=True), True  # verified by its SHA-256
     cfg = _open_clip_cfg(arch, tag)
     quick = bool(cfg.get("quick_gelu", False))
     try:

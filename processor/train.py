@@ -17,7 +17,7 @@ from processor.recipes import Recipe, get_recipe
 from processor.stage1 import train_stage1
 from processor.stage2 import train_stage2
 from solver.scheduler import build_scheduler
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import load_training_checkpoint, save_checkpoint
 from utils.dist import barrier, broadcast_object, is_main_process
 from utils.logger import append_metrics
 from utils.seed import get_rng_state, seed_everything, set_rng_state
@@ -71,7 +71,7 @@ class _Run:
         self.ckpt: dict[str, Any] | None = None
         path = _resume_path(cfg.SOLVER.RESUME, self.output_dir)
         if path is not None:
-            self.ckpt = load_checkpoint(path)
+            self.ckpt = load_training_checkpoint(path)
             _check_resumed_config(self.ckpt.get("config", ""), cfg)
             recipe.model.load_state_dict(self.ckpt["model"])
             self.metrics = dict(self.ckpt.get("metrics", {}))

@@ -16,17 +16,29 @@ from configs.config import (
     save_cfg,
 )
 from configs.defaults import LEGACY_KEYS, get_cfg_defaults
-from tests.conftest import OFFICIAL_CONFIGS
+from tests.official_configs import (
+    OFFICIAL_FILES,
+    STYLE_FILES,
+    official_config,
+    official_configs_dir,
+    write_official_style,
+)
 
-OFFICIAL = sorted(glob.glob(os.path.join(OFFICIAL_CONFIGS, "*", "*.yml")))
+
+def _yaml_file(source: str, rel: str, tmp_path) -> str:
+    """An official YAML file ('official', needs the environment variable) or a look-alike."""
+    return official_config(rel) if source == "official" else write_official_style(tmp_path)[rel]
 
 
 def test_official_yamls_are_present():
-    assert len(OFFICIAL) == 12
+    folder = official_configs_dir()
+    found = sorted(
+        os.path.relpath(p, folder) for p in glob.glob(os.path.join(folder, "*", "*.yml"))
+    )
+    assert found == sorted(OFFICIAL_FILES) and len(found) == 12
 
 
-@pytest.mark.parametrize("path", OFFICIAL, ids=lambda p: "/".join(p.split(os.sep)[-2:]))
-def test_every_official_yaml_loads_with_its_values(path):
+def _check_loads_with_its_values(path):
     with open(path) as f:
         raw = yaml.safe_load(f)
     cfg = load_cfg(path, ["DATASETS.NAMES", "market1501"])
@@ -51,16 +63,41 @@ def test_every_official_yaml_loads_with_its_values(path):
     assert cfg.MODEL.ID_LOSS_WEIGHT == pytest.approx(raw["MODEL"]["ID_LOSS_WEIGHT"])
 
 
-def test_official_yaml_dataset_from_command_line_and_vehicle_prompt():
-    path = os.path.join(OFFICIAL_CONFIGS, "veri", "vit_prom.yml")
+@pytest.mark.parametrize("rel", OFFICIAL_FILES)
+def test_every_official_yaml_loads_with_its_values(rel):
+    _check_loads_with_its_values(official_config(rel))
+
+
+@pytest.mark.parametrize("rel", sorted(STYLE_FILES))
+def test_official_style_yaml_loads_with_its_values(rel, tmp_path):
+    path = write_official_style(tmp_path)[rel]
+    _check_loads_with_its_values(path)
+    # The traits the loader handles are really in the file: strings, not YAML booleans/floats.
+    raw = yaml.safe_load(open(path))
+    assert raw["DATASETS"] is None and raw["TEST"]["FEAT_NORM"] == "yes"
+    assert raw["MODEL"]["IF_LABELSMOOTH"] in ("on", "off")
+    assert ("STAGE2" in raw["SOLVER"]) == (rel == "person/vit_clipreid.yml")
+    if "STAGE1" in raw["SOLVER"]:
+        assert raw["SOLVER"]["STAGE1"]["LR_MIN"] == "1e-6"
+
+
+@pytest.mark.parametrize(
+    ("source", "rel"), [("official", "veri/vit_prom.yml"), ("style", "veri/cnn_base.yml")]
+)
+def test_official_yaml_dataset_from_command_line_and_vehicle_prompt(source, rel, tmp_path):
+    path = _yaml_file(source, rel, tmp_path)
     cfg = load_cfg(path, ["DATASETS.NAMES", "veri", "DATASETS.ROOT_DIR", "/d"])
     assert list(cfg.DATASETS.NAMES) == ["veri"] and cfg.DATASETS.ROOT_DIR == "/d"
     assert cfg.MODEL.PROMPT_CLASS == "vehicle"
     assert load_cfg(None, ["DATASETS.NAMES", "msmt17"]).MODEL.PROMPT_CLASS == "person"
 
 
-def test_legacy_keys_are_dropped_with_one_warning(caplog):
-    path = os.path.join(OFFICIAL_CONFIGS, "person", "vit_clipreid.yml")
+@pytest.mark.parametrize(
+    ("source", "rel"),
+    [("official", "person/vit_clipreid.yml"), ("style", "person/vit_clipreid.yml")],
+)
+def test_legacy_keys_are_dropped_with_one_warning(source, rel, tmp_path, caplog):
+    path = _yaml_file(source, rel, tmp_path)
     with caplog.at_level(logging.WARNING):
         load_cfg(path)
     msgs = [r.getMessage() for r in caplog.records if "never reads" in r.getMessage()]

@@ -11,8 +11,12 @@ import torch.nn.functional as F
 
 from configs.config import save_cfg
 from model.build import build_model
+from model.loading import CheckpointMismatchError
 from tests.clip_fixtures import make_cfg
+from tests.conftest import PickleExploit
 from tools import export_onnx
+from utils.checkpoint import CheckpointFormatError
+from utils.cli import UsageError
 
 SIZE = [64, 32]
 MEAN = [0.48, 0.46, 0.41]
@@ -147,7 +151,7 @@ def test_camera_sie_export_takes_camids(tmp_path):
 def test_camera_view_sie_needs_num_views(tmp_path):
     model, argv = _trained_run(tmp_path, MODEL__SIE_CAMERA=True, MODEL__SIE_VIEW=True)
     out = tmp_path / "cv.onnx"
-    with pytest.raises(SystemExit, match="--num_views"):
+    with pytest.raises(CheckpointMismatchError, match="--num-views"):
         export_onnx.main([*argv, str(out)])
     meta = export_onnx.main([*argv, str(out), "--num_views", str(NUM_VIEWS), "--no-normalize"])
     assert meta["sie_inputs"] == ["camids", "viewids"]
@@ -192,9 +196,15 @@ def test_errors_name_the_problem(tmp_path, monkeypatch):
     _, argv = _trained_run(tmp_path)
     missing = tmp_path / "nope.pth"
     bad = [*argv[:3], str(missing), "--out", str(tmp_path / "m.onnx")]
-    with pytest.raises(SystemExit, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match="--weights .*nope.pth"):
         export_onnx.main(bad)
+    # A crafted pickle as --weights is refused unread: the command in it never runs.
+    marker = tmp_path / "pwned"
+    torch.save({"model": PickleExploit(str(marker))}, missing)
+    with pytest.raises(CheckpointFormatError, match=r"--weights .*nope\.pth.*not loaded"):
+        export_onnx.main(bad)
+    assert not marker.exists()
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(SystemExit, match="pip install onnxruntime"):
+    with pytest.raises(UsageError, match="pip install onnxruntime"):
         export_onnx.main([*argv, str(tmp_path / "m.onnx"), "--verify"])
     assert not (tmp_path / "m.onnx").exists()  # checked before exporting

@@ -15,7 +15,7 @@ import train_clipreid
 from configs.config import ConfigError, load_cfg
 from loss import PCLLoss, build_pcl_loss, hard_centroid_update, pcl_loss, pid_centroids
 from model import build_model, get_arch
-from model.checkpoint import CheckpointMismatchError, load_reid_checkpoint
+from model.loading import CheckpointMismatchError, load_reid_checkpoint
 from processor.recipes import PCLCLIP, RECIPES, register_recipe
 from solver.optimizer import build_optimizer
 from tests.clip_fixtures import make_cfg

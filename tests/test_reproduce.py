@@ -1,4 +1,4 @@
-"""tools/reproduce.py: run planning, resuming, table writing from fixture run folders, the docs."""
+"""tools/reproduce.py, tools/paper_tables.py: planning, resuming, tables from fixture runs, docs."""
 
 import json
 import math
@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tools import reproduce
-from tools.reproduce import TABLES, config_key, main, split_overrides, table_keys
+from tools import paper_tables, reproduce
+from tools.paper_tables import TABLES, config_key, table_keys
+from tools.reproduce import main
+from utils.cli import split_overrides
 
 DOC = os.path.join(ROOT, "docs", "reproduction.md")
 
@@ -62,7 +64,7 @@ def test_table2_mean_std_over_seeds_and_missing_runs(tmp_path):
         7,
     )
     out = tmp_path / "table.md"
-    text = reproduce.write_table(str(out), [TABLES["table2"]], str(root))
+    text = paper_tables.write_table(str(out), [TABLES["table2"]], str(root))
     assert out.read_text() == text
     lines = text.splitlines()
     header = (
@@ -177,7 +179,7 @@ def test_invalid_metrics_are_skipped(tmp_path):
         "msmt17",
         1,
     )
-    runs = reproduce.gather_runs(str(root), ["person/vit_base"])
+    runs = paper_tables.gather_runs(str(root), ["person/vit_base"])
     assert runs == {}
 
 
@@ -222,7 +224,7 @@ def test_dry_run_lists_the_expected_commands(tmp_path, monkeypatch, capsys):
     for config, dataset, weights in TABLE3:
         for seed in (5, 6):
             out = folder(config, dataset, seed)
-            common = ["--config_file", config, "DATASETS.NAMES", dataset]
+            common = ["--config-file", config, "DATASETS.NAMES", dataset]
             common += ["DATASETS.ROOT_DIR", "data dir", "SOLVER.SEED", str(seed), "OUTPUT_DIR", out]
             if out == done:
                 continue

@@ -1,7 +1,6 @@
 """tools/search.py: index features vs. direct evaluation features, ranking vs. brute force."""
 
 import json
-import logging
 import shutil
 
 import numpy as np
@@ -14,7 +13,9 @@ from datasets.image_dataset import read_image
 from datasets.synthetic import generate_synthetic_reid
 from datasets.transforms import build_test_transform
 from model.build import build_model
+from tests.conftest import PickleExploit, restored_root_logger
 from tools import search
+from utils.checkpoint import CheckpointFormatError, sha256_file
 
 H, W = 64, 32
 
@@ -22,15 +23,8 @@ H, W = 64, 32
 @pytest.fixture(autouse=True, scope="module")
 def _restore_logging():
     """The tool configures the root logger (as entry scripts do); later test files expect none."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    root.setLevel(level)
-    logging.captureWarnings(False)
+    with restored_root_logger():
+        yield
 
 
 def _opts(out, extra=()):
@@ -116,7 +110,7 @@ def test_index_features_equal_direct_evaluation_features(env):
     assert index["feat_dim"] == env["model"].feat_dim == direct.shape[1]
     assert index["model_name"] == "ViT-T-16-test"
     assert index["weights"] == env["weights"]
-    assert index["settings"]["weights_sha256"] == search.file_sha256(env["weights"])
+    assert index["settings"]["weights_sha256"] == sha256_file(env["weights"])
     assert "ViT-T-16-test" in index["config"]
 
 
@@ -201,11 +195,11 @@ def test_chunked_ranking_equals_brute_force(metric):
 def test_query_refuses_an_index_of_another_config_or_weights(env, tmp_path):
     argv = ["query", "--index", str(env["index"]), *env["base"], "--query", str(env["queries"][0])]
     argv += ["--out", str(tmp_path / "r")]
-    with pytest.raises(SystemExit, match=r"TEST.NECK_FEAT: index 'before', query 'after'"):
+    with pytest.raises(search.SearchError, match=r"TEST.NECK_FEAT: index 'before', query 'after'"):
         search.main([*argv, "TEST.NECK_FEAT", "after"])
     _, other_weights, _ = _make_run(tmp_path, seed=1)
     argv[argv.index(env["weights"])] = other_weights
-    with pytest.raises(SystemExit, match="weights_sha256"):
+    with pytest.raises(search.SearchError, match="weights_sha256"):
         search.main(argv)
     assert not (tmp_path / "r" / "results.json").exists()
 
@@ -214,16 +208,16 @@ def test_errors_name_the_folder_image_or_index(env, tmp_path):
     empty = tmp_path / "empty"
     (empty / "sub").mkdir(parents=True)
     base = ["index", *env["base"], "--out", str(tmp_path / "i.pt")]
-    with pytest.raises(SystemExit, match=r"--gallery folder .*empty.* holds no image"):
+    with pytest.raises(search.SearchError, match=r"--gallery folder .*empty.* holds no image"):
         search.main([*base, "--gallery", str(empty)])
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(SystemExit, match=r"broken\.jpg"):
+    with pytest.raises(search.SearchError, match=r"broken\.jpg"):
         search.main([*base, "--gallery", str(bad)])
     assert not (tmp_path / "i.pt").exists()
     missing = ["query", "--index", str(tmp_path / "none.pt"), *env["base"]]
-    with pytest.raises(SystemExit, match=r"--index .*none\.pt.* does not exist"):
+    with pytest.raises(search.SearchError, match=r"--index .*none\.pt.* does not exist"):
         search.main([*missing, "--query", str(env["queries"][0]), "--out", str(tmp_path / "r")])
 
 
@@ -232,9 +226,9 @@ def test_camera_sie_needs_a_camera_id(tmp_path):
     img = tmp_path / "g" / "a.png"
     img.parent.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), np.uint8)).save(img)
-    base = ["index", "--config_file", config, "--weights", weights, "--gallery", str(img.parent)]
+    base = ["index", "--config-file", config, "--weights", weights, "--gallery", str(img.parent)]
     out = tmp_path / "i.pt"
-    with pytest.raises(SystemExit, match="pass --camid N"):
+    with pytest.raises(search.SearchError, match="pass --camid N"):
         search.main([*base, "--out", str(out)])
     search.main([*base, "--camid", "2", "--out", str(out)])
     feats = torch.load(out, weights_only=True)["features"]
@@ -246,3 +240,30 @@ def test_camera_sie_needs_a_camera_id(tmp_path):
     ref = torch.nn.functional.normalize(ref, dim=1)
     torch.testing.assert_close(feats, ref, atol=1e-5, rtol=0)
     assert not torch.allclose(feats, torch.nn.functional.normalize(no_sie, dim=1), atol=1e-3)
+
+
+def test_crafted_weights_or_index_are_refused_unread(env, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": PickleExploit(str(marker))}, evil)
+    argv = ["index", "--config-file", env["config"], "--weights", str(evil)]
+    argv += ["--gallery", str(env["gallery"]), "--out", str(tmp_path / "i.pt")]
+    with pytest.raises(CheckpointFormatError, match=r"--weights .*evil\.pth.*not loaded"):
+        search.main(argv)
+    query = ["query", "--index", str(evil), *env["base"], "--query", str(env["queries"][0])]
+    with pytest.raises(CheckpointFormatError, match=r"--index .*evil\.pth.*not loaded"):
+        search.main([*query, "--out", str(tmp_path / "r")])
+    assert not marker.exists()
+    yml = tmp_path / "notes.yml"
+    yml.write_text("TEST:\n  NECK_FEAT: after\n")
+    query[2] = str(yml)
+    with pytest.raises(CheckpointFormatError, match=r"--index .*notes\.yml' is a text file"):
+        search.main([*query, "--out", str(tmp_path / "r")])
+
+
+def test_overrides_anywhere_and_underscore_flags(env, tmp_path):
+    # An override between the flags (not only last) reaches the config; --tile_size == --tile-size.
+    argv = ["query", "TEST.NECK_FEAT", "after", "--index", str(env["index"]), *env["base"]]
+    argv += ["--query", str(env["queries"][0]), "--tile_size", "8", "4", "--out", str(tmp_path)]
+    with pytest.raises(search.SearchError, match=r"TEST.NECK_FEAT: index 'before', query 'after'"):
+        search.main(argv)

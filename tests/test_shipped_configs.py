@@ -9,12 +9,17 @@ import yaml
 
 from configs.config import _flatten, _to_dict, load_cfg
 from configs.defaults import LEGACY_KEYS
-from tests.conftest import OFFICIAL_CONFIGS, ROOT
-from tools.reproduce import TABLES
+from tests.conftest import ROOT
+from tests.official_configs import (
+    OFFICIAL_FILES,
+    STYLE_FILES,
+    official_config,
+    write_official_style,
+)
+from tools.paper_tables import TABLES
 
 CONFIG_DIR = os.path.join(ROOT, "configs")
 SHIPPED = sorted(glob.glob(os.path.join(CONFIG_DIR, "**", "*.yml"), recursive=True))
-OFFICIAL = sorted(glob.glob(os.path.join(OFFICIAL_CONFIGS, "*", "*.yml")))
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
@@ -83,8 +88,8 @@ def _ours_flat(cfg) -> dict:
 
 
 def test_configs_are_found():
+    # The twelve official files: tests/test_config.py::test_official_yamls_are_present.
     assert len(SHIPPED) >= 26  # 15 table configs, 11 ablations, demo
-    assert len(OFFICIAL) == 12
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
@@ -101,14 +106,22 @@ def test_every_shipped_yaml_loads_and_validates(path):
         assert _norm(node) == _norm(value), key
 
 
-@pytest.mark.parametrize("path", OFFICIAL, ids=lambda p: "/".join(p.split(os.sep)[-2:]))
-def test_every_official_yaml_loads(path):
+def _check_loads_with_and_without_dataset(path, folder):
     # With the empty DATASETS block as shipped, and with the dataset on the command line.
     assert load_cfg(path).DATASETS.NAMES == ["market1501"]
-    folder = os.path.basename(os.path.dirname(path))
     dataset = {"person": "msmt17", "veri": "veri", "VehicleID": "VehicleID"}[folder]
     cfg = load_cfg(path, ["DATASETS.NAMES", dataset, "DATASETS.ROOT_DIR", "elsewhere"])
     assert list(cfg.DATASETS.NAMES) == [dataset] and cfg.DATASETS.ROOT_DIR == "elsewhere"
+
+
+@pytest.mark.parametrize("rel", OFFICIAL_FILES)
+def test_every_official_yaml_loads(rel):
+    _check_loads_with_and_without_dataset(official_config(rel), rel.split("/")[0])
+
+
+@pytest.mark.parametrize("rel", sorted(STYLE_FILES))
+def test_every_official_style_yaml_loads(rel, tmp_path):
+    _check_loads_with_and_without_dataset(write_official_style(tmp_path)[rel], rel.split("/")[0])
 
 
 def test_every_table_config_has_an_official_counterpart():
@@ -121,7 +134,7 @@ def test_every_table_config_has_an_official_counterpart():
 @pytest.mark.parametrize("ours", sorted(COUNTERPARTS))
 def test_table_config_matches_official_yaml_key_by_key(ours):
     official, dataset, extra = COUNTERPARTS[ours]
-    with open(os.path.join(OFFICIAL_CONFIGS, official)) as f:
+    with open(official_config(official)) as f:
         raw = {k: v for k, v in yaml.safe_load(f).items() if v is not None}
     flat_solver = "STAGE2" not in raw["SOLVER"]
     mine = _ours_flat(load_cfg(_cfg_path(ours), ["DATASETS.NAMES", dataset]))
@@ -152,9 +165,7 @@ def test_table_config_resolves_like_the_official_run(ours):
     """Stronger: ours and the official file (plus README flags) resolve to the same config."""
     official, dataset, extra = COUNTERPARTS[ours]
     mine = _ours_flat(load_cfg(_cfg_path(ours), ["DATASETS.NAMES", dataset]))
-    theirs = _ours_flat(
-        load_cfg(os.path.join(OFFICIAL_CONFIGS, official), ["DATASETS.NAMES", dataset, *extra])
-    )
+    theirs = _ours_flat(load_cfg(official_config(official), ["DATASETS.NAMES", dataset, *extra]))
     differ = {k for k in mine if mine[k] != theirs[k]} - BOOKKEEPING
     if mine["MODEL.METHOD"] == "baseline":
         # A baseline has no stage 1: our baseline files inherit unused stage-1 values.

@@ -1,6 +1,5 @@
 """End-to-end training on tiny synthetic data: train -> test parity, resume, parameter freezing."""
 
-import glob
 import json
 import os
 
@@ -18,9 +17,14 @@ from processor.recipes import get_recipe
 from processor.stage1 import train_stage1
 from processor.stage2 import train_stage2
 from solver.scheduler import build_scheduler
-from tests.conftest import OFFICIAL_CONFIGS
 from tests.conftest import last_eval as _last_eval
 from tests.conftest import tiny_run_opts as _opts
+from tests.official_configs import (
+    OFFICIAL_FILES,
+    STYLE_FILES,
+    official_config,
+    write_official_style,
+)
 
 CPU = torch.device("cpu")
 
@@ -126,24 +130,27 @@ def test_baseline_and_one_stage_variants_train(tmp_path):
     assert stage2 and {"i2t", "t2i", "id", "tri"} <= set(stage2[0])
 
 
-@pytest.mark.parametrize(
-    "official",
-    sorted(
-        os.path.relpath(p, OFFICIAL_CONFIGS)
-        for p in glob.glob(os.path.join(OFFICIAL_CONFIGS, "*", "*.yml"))
-    ),
-)
-def test_official_yaml_runs_unchanged(tmp_path, official):
-    """An official YAML as shipped (empty DATASETS block; flat SOLVER for the baseline) trains.
-
-    Only the size of the run changes: a tiny model of the same family on tiny synthetic data.
-    """
-    path = os.path.join(OFFICIAL_CONFIGS, official)
-    name = "RN-T-test" if os.path.basename(official).startswith("cnn") else "ViT-T-16-test"
+def _check_runs_unchanged(tmp_path, path, rel):
+    name = "RN-T-test" if os.path.basename(rel).startswith("cnn") else "ViT-T-16-test"
     out = tmp_path / "out"
     opts = _opts(tmp_path / "data", out, s1=1, s2=1)
     opts[opts.index("MODEL.NAME") + 1] = name
     summary = train_clipreid.main(["--config_file", path, *opts])
     cfg = load_cfg(str(out / "config.yaml"))
-    assert cfg.MODEL.METHOD == ("baseline" if "base" in official else "clipreid")
+    assert cfg.MODEL.METHOD == ("baseline" if "base" in rel else "clipreid")
     assert (out / f"{name}_1.pth").is_file() and 0.0 <= summary["mAP"] <= 1.0
+
+
+@pytest.mark.parametrize("official", OFFICIAL_FILES)
+def test_official_yaml_runs_unchanged(tmp_path, official):
+    """An official YAML as shipped (empty DATASETS block; flat SOLVER for the baseline) trains.
+
+    Only the size of the run changes: a tiny model of the same family on tiny synthetic data.
+    """
+    _check_runs_unchanged(tmp_path, official_config(official), official)
+
+
+@pytest.mark.parametrize("rel", sorted(STYLE_FILES))
+def test_official_style_yaml_runs_unchanged(tmp_path, rel):
+    """The same with the official-style look-alikes (no official files needed)."""
+    _check_runs_unchanged(tmp_path, write_official_style(tmp_path / "configs")[rel], rel)

@@ -16,6 +16,7 @@ from model import build_model, get_arch
 from model import weights as W
 from model.clip.arch import create_clip
 from tests.clip_fixtures import make_cfg, random_openai_state_dict, save_torchscript_archive
+from utils.checkpoint import CheckpointFormatError
 
 ARCH = get_arch("ViT-T-16-test")
 
@@ -32,8 +33,9 @@ def _features(cfg, x):
         return model.encode_image(x), model.encode_text(torch.tensor([0, 2]))
 
 
-def test_torchscript_archive_and_plain_state_dict_give_same_model(tmp_path, tiny_sd):
+def test_torchscript_archive_and_plain_state_dict_give_same_model(tmp_path, tiny_sd, monkeypatch):
     archive = save_torchscript_archive(ARCH, tiny_sd, tmp_path / "ViT-T.pt")
+    monkeypatch.setenv(W.TRUST_ENV, "1")  # a home-made archive: not an OpenAI release
     loaded = W.load_openai_state_dict(archive)
     assert set(loaded) == set(tiny_sd)  # the three integer entries are dropped
     for key, value in tiny_sd.items():
@@ -61,6 +63,43 @@ def test_torchscript_archive_and_plain_state_dict_give_same_model(tmp_path, tiny
     # The weights really arrived: a random-init model gives other features.
     random_image, _ = _features(make_cfg(), x)
     assert not torch.allclose(random_image, results[0][0])
+
+
+def test_torchscript_archive_needs_a_known_hash_or_trust(tmp_path, tiny_sd, monkeypatch):
+    archive = save_torchscript_archive(ARCH, tiny_sd, tmp_path / "ViT-T.pt")
+    jit_loads = []
+    real_jit_load = torch.jit.load
+    monkeypatch.setattr(
+        torch.jit, "load", lambda *a, **k: jit_loads.append(a) or real_jit_load(*a, **k)
+    )
+    monkeypatch.delenv(W.TRUST_ENV, raising=False)
+    cfg = make_cfg(MODEL__PRETRAIN_PATH=str(archive), MODEL__PRETRAIN_TAG="openai")
+    with pytest.raises(CheckpointFormatError) as err:
+        build_model(cfg, 3, 1, 1)
+    msg = str(err.value)
+    assert str(archive) in msg and W.sha256_file(archive) in msg and W.TRUST_ENV in msg
+    assert jit_loads == []  # refused before anything in it ran
+    # The same archive listed as a release (its hash known) loads without trust.
+    entry = W.OpenAIWeights(
+        f"https://example.invalid/{W.sha256_file(archive)}/ViT-T.pt", W.sha256_file(archive)
+    )
+    monkeypatch.setitem(W.OPENAI_WEIGHTS, "ViT-T-16-test", entry)
+    loaded = W.load_openai_state_dict(archive)
+    assert len(jit_loads) == 1 and set(loaded) == set(tiny_sd)
+    monkeypatch.delitem(W.OPENAI_WEIGHTS, "ViT-T-16-test")
+    with pytest.raises(CheckpointFormatError):
+        W.load_openai_state_dict(archive)
+    # An explicit trust flag (argument or environment) loads it too.
+    assert set(W.load_openai_state_dict(archive, trust=True)) == set(tiny_sd)
+    monkeypatch.setenv(W.TRUST_ENV, "1")
+    assert set(W.load_openai_state_dict(archive)) == set(tiny_sd)
+    assert len(jit_loads) == 3
+
+
+def test_weights_file_of_the_wrong_kind_names_the_key(tmp_path):
+    (tmp_path / "cfg.yml").write_text("MODEL:\n  NAME: RN50\n")
+    with pytest.raises(CheckpointFormatError, match=r"MODEL.PRETRAIN_PATH '.*cfg.yml' is a text"):
+        W.load_openai_state_dict(tmp_path / "cfg.yml")
 
 
 def test_loaded_parameters_equal_the_file(tmp_path, tiny_sd):

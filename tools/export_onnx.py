@@ -1,7 +1,7 @@
 """Export a trained ReID model's image encoder (the evaluation feature) to ONNX.
 
-Usage:
-    python tools/export_onnx.py --config_file RUN/config.yaml --weights RUN/ViT-B-16_60.pth \
+Usage (from the repository root):
+    python -m tools.export_onnx --config-file RUN/config.yaml --weights RUN/ViT-B-16_60.pth \
         --out model.onnx [--opset 17] [--batch dynamic|N] [--normalize|--no-normalize] \
         [--verify] [KEY VALUE ...]
 
@@ -26,26 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    # Run as a script: make the repository root importable.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from yacs.config import CfgNode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from yacs.config import CfgNode  # noqa: E402
-
-from configs.config import load_cfg  # noqa: E402
-from model.checkpoint import build_model_from_checkpoint  # noqa: E402
-from model.reid_model import ReIDModel  # noqa: E402
-from utils.logger import setup_logger  # noqa: E402
+from configs.config import load_cfg
+from model.loading import build_model_from_checkpoint
+from model.reid_model import ReIDModel
+from utils.checkpoint import write_json
+from utils.cli import UsageError, make_parser, parse_args, run_main
+from utils.logger import setup_logger
 
 __all__ = [
     "EncoderForExport",
@@ -263,8 +259,7 @@ def export_onnx(
     )
     in_model = _write_onnx_metadata(out, metadata)
     side = sidecar_path(out)
-    with open(side, "w", encoding="utf-8") as f:
-        json.dump(metadata, f, indent=2)
+    write_json(side, metadata)
     logger.info(
         "Exported %s (%d-d feature%s, inputs %s, batch %s) to %s; metadata in %s%s",
         metadata["model_name"],
@@ -283,7 +278,7 @@ def _require_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError as err:
-        raise RuntimeError(
+        raise UsageError(
             f"--verify needs onnxruntime, which is not installed: run `{ORT_INSTALL}`"
         ) from err
     return onnxruntime
@@ -311,7 +306,7 @@ def verify_onnx(
         unit scale, relative for larger ones).
 
     Raises:
-        RuntimeError: onnxruntime is not installed (the message gives the pip command).
+        utils.cli.UsageError: onnxruntime is not installed (the message gives the pip command).
     """
     ort = _require_onnxruntime()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -345,10 +340,10 @@ def _parse_batch(value: str) -> int | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Export a ReID model's image encoder (evaluation feature) to ONNX."
+    parser = make_parser(
+        "Export a ReID model's image encoder (evaluation feature) to ONNX.",
+        prog="python -m tools.export_onnx",
     )
-    parser.add_argument("--config_file", default="", help="the run's YAML config (config.yaml)")
     parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
     parser.add_argument("--out", required=True, help="destination .onnx file")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
@@ -365,7 +360,7 @@ def _parser() -> argparse.ArgumentParser:
         help="L2-normalise the output rows (default: TEST.FEAT_NORM)",
     )
     parser.add_argument(
-        "--num_views", type=int, default=None, help="training views (camera x view SIE only)"
+        "--num-views", type=int, default=None, help="training views (camera x view SIE only)"
     )
     parser.add_argument(
         "--verify", action="store_true", help=f"check with onnxruntime ({ORT_INSTALL})"
@@ -376,36 +371,33 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_ATOL,
         help="--verify tolerance on max |onnx - torch| / max(1, max |torch|)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the metadata (plus ``verify_max_diff`` with --verify).
 
-    Logging is set up by the script entry (``python tools/export_onnx.py``), not here.
+    Logging is set up by the program entry (``python -m tools.export_onnx``), not here.
 
     Args:
-        argv: arguments without the program name (None: ``sys.argv[1:]``).
+        argv: arguments without the program name (None: ``sys.argv[1:]``); ``KEY VALUE``
+            config overrides may come anywhere.
 
     Returns:
         The exported model's metadata.
+
+    Raises:
+        utils.cli.UsageError: --verify without onnxruntime (checked before exporting).
+        FileNotFoundError: the weights file does not exist.
+        model.loading.CheckpointMismatchError: the weights do not fit the config, or camera x
+            view SIE without --num-views.
+        SystemExit: --verify found a difference above --atol.
     """
-    args = _parser().parse_args(argv)
+    args, opts = parse_args(_parser(), argv)
     if args.verify:
-        try:
-            _require_onnxruntime()
-        except RuntimeError as err:
-            raise SystemExit(str(err)) from err
-    if not Path(args.weights).expanduser().is_file():
-        raise SystemExit(f"weights file {args.weights!r} does not exist (check --weights)")
-    if args.opts and args.opts[0] == "--":
-        args.opts = args.opts[1:]
-    cfg = load_cfg(args.config_file or None, args.opts)
-    try:
-        model = build_model_from_checkpoint(cfg, args.weights, num_views=args.num_views)
-    except ValueError as err:
-        raise SystemExit(str(err)) from err
+        _require_onnxruntime()
+    cfg = load_cfg(args.config_file or None, opts)
+    model = build_model_from_checkpoint(cfg, args.weights, num_views=args.num_views)
     normalize = bool(cfg.TEST.FEAT_NORM) if args.normalize is None else bool(args.normalize)
     metadata = export_onnx(
         model, args.out, cfg, normalize=normalize, batch=args.batch, opset=args.opset
@@ -428,4 +420,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     # Logging is configured only for the command line: callers of main() keep their own setup.
     setup_logger(None)
-    main(sys.argv[1:])
+    run_main(main)

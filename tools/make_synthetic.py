@@ -1,8 +1,8 @@
 """Write a synthetic ReID dataset in the Market-1501 layout.
 
-Example::
+Example (from the repository root)::
 
-    python tools/make_synthetic.py --root data/synthetic_demo --num-ids 64 --mode person
+    python -m tools.make_synthetic --root data/synthetic_demo --num-ids 64 --mode person
 
 The result reads as ``DATASETS.NAMES "['market1501']" DATASETS.ROOT_DIR data/synthetic_demo``.
 The 'synthetic' dataset name generates the same data on first use without this tool.
@@ -10,18 +10,13 @@ The 'synthetic' dataset name generates the same data on first use without this t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 from collections.abc import Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from datasets.layouts import DatasetOptions  # noqa: E402
-from datasets.market1501 import MARKET1501  # noqa: E402
-from datasets.synthetic import generate_synthetic_reid  # noqa: E402
+from datasets.layouts import DatasetOptions
+from datasets.market1501 import MARKET1501
+from datasets.synthetic import generate_synthetic_reid
+from utils.cli import make_parser, parse_args, run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit status 0.
     """
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = make_parser(
+        __doc__.split("\n\n")[0],
+        prog="python -m tools.make_synthetic",
+        config=None,
+        overrides=False,
+    )
     p.add_argument("--root", required=True, help="folder that receives Market-1501-v15.09.15/")
     p.add_argument("--num-ids", type=int, default=64, help="identities, half train, half test")
     p.add_argument("--num-cameras", type=int, default=4, help="cameras (2..9)")
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--format", choices=("jpg", "png"), default="jpg", dest="image_format")
     p.add_argument("--num-distractors", type=int, default=None, help="pid-0 gallery images")
     p.add_argument("--num-junk", type=int, default=None, help="pid -1 gallery images")
-    args = p.parse_args(argv)
+    args, _ = parse_args(p, argv, overrides=False)
     folder = generate_synthetic_reid(
         args.root,
         num_ids=args.num_ids,
@@ -64,4 +64,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

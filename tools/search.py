@@ -1,13 +1,13 @@
 """Person / vehicle search with a trained ReID model: index a gallery folder, then rank it.
 
-Examples::
+Examples (from the repository root)::
 
-    python tools/search.py index --config_file RUN/config.yaml --weights RUN/ViT-B-16_60.pth \
+    python -m tools.search index --config-file RUN/config.yaml --weights RUN/ViT-B-16_60.pth \
         --gallery gallery_dir --out gallery_index.pt
-    python tools/search.py query --index gallery_index.pt --config_file RUN/config.yaml \
+    python -m tools.search query --index gallery_index.pt --config-file RUN/config.yaml \
         --weights RUN/ViT-B-16_60.pth --query query_dir --topk 10 --out results --visualize
 
-Both commands accept trailing ``KEY VALUE`` config overrides, as ``test_clipreid.py`` does.
+Both commands accept ``KEY VALUE`` config overrides anywhere, as ``test_clipreid.py`` does.
 Features are those of evaluation: the test transform (``INPUT.SIZE_TEST``, mean, std), the
 model's ``encode_image`` (``TEST.NECK_FEAT``) and, with ``TEST.FEAT_NORM``, L2 normalisation;
 gallery images are ranked by cosine similarity, which orders them as the evaluator's squared
@@ -25,34 +25,36 @@ viewpoint SIE ``--viewid N``; the camera x viewpoint SIE is not supported here.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from torch.utils.data import DataLoader
+from yacs.config import CfgNode
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from yacs.config import CfgNode  # noqa: E402
-
-from configs.config import load_cfg  # noqa: E402
-from datasets.bases import IMAGE_EXTENSIONS, CorruptImageError, ImageRecord  # noqa: E402
-from datasets.image_dataset import ImageDataset, collate_batch  # noqa: E402
-from datasets.transforms import build_test_transform  # noqa: E402
-from model.checkpoint import build_model_from_checkpoint  # noqa: E402
-from model.reid_model import ReIDModel  # noqa: E402
-from processor.evaluate import build_eval_settings, extract_features  # noqa: E402
-from utils.checkpoint import save_checkpoint  # noqa: E402
-from utils.dist import resolve_device  # noqa: E402
-from utils.distance import DEFAULT_MEMORY_BUDGET_MB, chunked_topk  # noqa: E402
-from utils.drawing import GAP, LABEL_H, render_ranking  # noqa: E402, F401 (layout re-exported)
-from utils.logger import progress, setup_logger  # noqa: E402
+from configs.config import load_cfg
+from datasets.bases import IMAGE_EXTENSIONS, CorruptImageError, ImageRecord
+from datasets.image_dataset import ImageDataset, collate_batch
+from datasets.transforms import build_test_transform
+from model.loading import build_model_from_checkpoint
+from model.reid_model import ReIDModel
+from processor.evaluate import build_eval_settings, extract_features
+from utils.checkpoint import read_checkpoint, save_checkpoint, sha256_file, write_json
+from utils.cli import (
+    OVERRIDES_HELP,
+    UsageError,
+    add_config_argument,
+    make_parser,
+    parse_args,
+    run_main,
+)
+from utils.dist import resolve_device
+from utils.distance import DEFAULT_MEMORY_BUDGET_MB, chunked_topk
+from utils.drawing import GAP, LABEL_H, render_ranking  # noqa: F401 (layout re-exported)
+from utils.logger import progress, setup_logger
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ FEATURE_KEYS = (
 GALLERY_CHUNK = 8192
 
 
-class SearchError(RuntimeError):
+class SearchError(UsageError):
     """A search input (folder, image, index, option) is unusable; the message names it."""
 
 
@@ -116,22 +118,6 @@ def list_image_files(path: str, what: str) -> list[str]:
             "recursively)"
         )
     return files
-
-
-def file_sha256(path: str) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks.
-
-    Args:
-        path: the file.
-
-    Returns:
-        The hex digest.
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def feature_settings(cfg: CfgNode, weights_sha256: str) -> dict[str, Any]:
@@ -299,12 +285,12 @@ def rank_gallery(
 
 def _setup(args: argparse.Namespace) -> tuple[CfgNode, torch.device, str]:
     if not os.path.isfile(args.config_file):
-        raise SearchError(f"--config_file {args.config_file!r} does not exist")
+        raise SearchError(f"--config-file {args.config_file!r} does not exist")
     cfg = load_cfg(args.config_file, list(args.opts))
     device = resolve_device(cfg.MODEL.DEVICE)
     if not os.path.isfile(args.weights):
         raise SearchError(f"--weights {args.weights!r} does not exist")
-    return cfg, device, file_sha256(args.weights)
+    return cfg, device, sha256_file(args.weights)
 
 
 def build_index(args: argparse.Namespace) -> dict[str, Any]:
@@ -352,13 +338,11 @@ def load_index(path: str) -> dict[str, Any]:
 
     Raises:
         SearchError: the file is missing or is not a search index.
+        utils.checkpoint.CheckpointFormatError: the file is not readable as plain data.
     """
     if not os.path.isfile(path):
         raise SearchError(f"--index {path!r} does not exist (build it with the 'index' command)")
-    try:
-        index = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unpickling failure means the file is not ours
-        raise SearchError(f"--index {path!r} cannot be read: {err}") from err
+    index = read_checkpoint(path, "--index", "a search index written by the 'index' command")
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
         raise SearchError(f"--index {path!r} is not a search index of version {INDEX_VERSION}")
     return index
@@ -386,7 +370,7 @@ def check_index(index: dict[str, Any], settings: dict[str, Any], path: str) -> N
             f"--index {path!r} was built with another model or config than this query "
             f"(index weights {index.get('weights')!r}); its features are not comparable. "
             "Differences:\n- " + "\n- ".join(diffs) + "\nRebuild the index or pass the "
-            "--config_file, --weights and overrides it was built with."
+            "--config-file, --weights and overrides it was built with."
         )
 
 
@@ -444,25 +428,23 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
         "num_gallery": len(gallery),
         "queries": results,
     }
-    tmp = os.path.join(args.out, "results.json.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, "results.json"))
+    write_json(os.path.join(args.out, "results.json"), out)
     logger.info("ranked %d queries; results in %s", len(paths), args.out)
     return out
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = make_parser(__doc__.split("\n\n")[0], prog="python -m tools.search", config=None)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config_file", required=True, help="the run's config.yaml")
+    add_config_argument(common, required=True)
     common.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
     common.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
     common.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
-    common.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (last)")
 
-    p = sub.add_parser("index", parents=[common], help="build a gallery feature index")
+    p = sub.add_parser(
+        "index", parents=[common], help="build a gallery feature index", epilog=OVERRIDES_HELP
+    )
     p.add_argument("--gallery", required=True, help="folder of gallery images (recursive)")
     p.add_argument("--out", required=True, help="index file to write (e.g. gallery_index.pt)")
     p.add_argument(
@@ -471,7 +453,12 @@ def _parser() -> argparse.ArgumentParser:
         default="float32",
         help="stored feature precision; float16 halves the file, ranks are scored in float32",
     )
-    q = sub.add_parser("query", parents=[common], help="rank the indexed gallery for queries")
+    q = sub.add_parser(
+        "query",
+        parents=[common],
+        help="rank the indexed gallery for queries",
+        epilog=OVERRIDES_HELP,
+    )
     q.add_argument("--index", required=True, help="index written by the 'index' command")
     q.add_argument(
         "--query",
@@ -497,23 +484,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``index`` or ``query``.
 
     Args:
-        argv: arguments without the program name (None: ``sys.argv[1:]``).
+        argv: arguments without the program name (None: ``sys.argv[1:]``); ``KEY VALUE``
+            config overrides may come anywhere.
 
     Returns:
         The saved index (``index``) or the results.json content (``query``).
 
     Raises:
-        SystemExit: a :class:`SearchError` (bad folder, image, index or option), with its
-            message.
+        SearchError: a bad folder, image, index or option (the message names it); see also
+            :func:`utils.cli.run_main` for the other user errors.
     """
-    args = _parser().parse_args(argv)
+    args, opts = parse_args(_parser(), argv)
+    args.opts = opts
     setup_logger(args.out if args.command == "query" else None, 0, "search_log.txt")
-    try:
-        return build_index(args) if args.command == "index" else run_query(args)
-    except SearchError as err:
-        logger.error("%s", err)
-        raise SystemExit(f"error: {err}") from err
+    return build_index(args) if args.command == "index" else run_query(args)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

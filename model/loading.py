@@ -15,8 +15,7 @@ and for evaluation), or another architecture (MODEL.NAME).
 from __future__ import annotations
 
 import logging
-import pickle
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,17 +27,18 @@ from model.build import build_model
 from model.clip.arch import get_arch, list_archs
 from model.clip.vision import resnet_grid, vit_grid
 from model.reid_model import TEXT_PREFIXES, ReIDModel
+from utils.checkpoint import CheckpointFormatError, read_checkpoint, strip_wrapper_prefixes
 
 __all__ = [
     "CheckpointLoadReport",
     "CheckpointMismatchError",
+    "build_model_from_checkpoint",
     "extract_state_dict",
     "load_reid_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
 
-_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP and torch.compile wrappers
 _CLASS_KEYS = ("classifier.weight", "classifier_proj.weight")
 # Sizes tried when suggesting an INPUT.SIZE_TRAIN that gives a checkpoint's token count.
 _COMMON_SIZES = (
@@ -73,41 +73,18 @@ class CheckpointLoadReport:
     missing: list[str] = field(default_factory=list)
 
 
-def read_checkpoint(path: str | Path, source: str = "TEST.WEIGHT") -> object:
-    """Load a checkpoint file on the CPU (tensors only unless the file needs more).
-
-    Args:
-        path: the file.
-        source: the key or option that named it, for the error message.
-
-    Returns:
-        The stored object (a state dict or a dict holding one).
-
-    Raises:
-        FileNotFoundError: naming the file and ``source``.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (check {source})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # Training checkpoints may hold non-tensor objects (e.g. a config node).
-        logger.warning("%s holds non-tensor objects; loading it fully (trusted files only)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def extract_state_dict(checkpoint: object) -> dict[str, Tensor]:
+def extract_state_dict(checkpoint: object, source: str = "checkpoint") -> dict[str, Tensor]:
     """The model state dict inside a checkpoint object, without wrapper prefixes.
 
     Args:
         checkpoint: a state dict, or a dict with a 'model' or 'state_dict' entry.
+        source: the option or key that named the checkpoint, for the message.
 
     Returns:
         ``{key: tensor}`` with 'module.' / '_orig_mod.' prefixes removed.
 
     Raises:
-        TypeError: no state dict can be found.
+        CheckpointFormatError: no state dict can be found.
     """
     obj = checkpoint
     if isinstance(obj, Mapping):
@@ -116,19 +93,11 @@ def extract_state_dict(checkpoint: object) -> dict[str, Tensor]:
                 obj = obj[key]
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise TypeError(
-            "Not a ReID checkpoint: expected a state dict or a dict with a 'model' entry"
+        raise CheckpointFormatError(
+            f"{source} is not a ReID checkpoint: expected a state dict of tensors or a dict with "
+            "a 'model' entry"
         )
-    out = {}
-    for key, value in obj.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix) :], True
-        out[key] = value
-    return out
+    return strip_wrapper_prefixes(obj)
 
 
 def _fmt(shape: torch.Size | tuple) -> str:
@@ -214,35 +183,35 @@ def _sie_hint(model: ReIDModel, rows: int) -> str:
     )
 
 
-def load_reid_checkpoint(
-    model: ReIDModel,
-    checkpoint: str | Path | Mapping,
-    *,
-    for_training: bool = False,
-) -> CheckpointLoadReport:
-    """Load CLIP-ReID weights into a model built from the config.
+@dataclass
+class _Plan:
+    """What the checks found: errors, warnings, and checkpoint keys not to copy."""
 
-    Args:
-        model: the target ``ReIDModel``.
-        checkpoint: a file path, or a loaded object (state dict, or dict with a 'model' entry).
-        for_training: resuming training: classifiers and prompt tokens must match (same
-            identities) and the text side must be present for the CLIP-ReID method.
+    for_training: bool
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    skip: set[str] = field(default_factory=set)
 
-    Returns:
-        A ``CheckpointLoadReport``.
+    def mismatch(
+        self, msg: str, *, training: str = "", evaluation: str, skip: Iterable[str] = ()
+    ) -> None:
+        """A difference that blocks resuming training but not evaluation, which skips ``skip``.
 
-    Raises:
-        CheckpointMismatchError: the checkpoint does not fit; the message names the config keys.
-        FileNotFoundError: the path does not exist.
-    """
-    obj = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    sd = extract_state_dict(obj)
-    own = model.state_dict()
-    errors: list[str] = []
-    warnings_: list[str] = []
-    skip: set[str] = set()
+        Args:
+            msg: what differs.
+            training: appended to ``msg`` in the error when resuming training.
+            evaluation: appended to ``msg`` in the warning when evaluating.
+            skip: checkpoint keys that evaluation does without.
+        """
+        if self.for_training:
+            self.errors.append(msg + training)
+        else:
+            self.warnings.append(msg + evaluation)
+            self.skip.update(skip)
 
-    # Architecture family and width first: everything else is noise when they differ.
+
+def _check_family(model: ReIDModel, sd: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+    """Architecture and head first: every other difference is noise when these differ."""
     ck_resnet = "image_encoder.attnpool.positional_embedding" in sd
     own_resnet = "image_encoder.attnpool.positional_embedding" in own
     conv = sd.get("image_encoder.conv1.weight")
@@ -254,8 +223,7 @@ def load_reid_checkpoint(
         raise CheckpointMismatchError(
             f"The checkpoint is another architecture than MODEL.NAME {model.arch.name!r}:{hint}"
         )
-
-    # Head: PCL-CLIP has one classifier on the concatenated feature, CLIP-ReID two.
+    # PCL-CLIP has one classifier on the concatenated feature, CLIP-ReID two.
     ck_pcl = "classifier.weight" in sd and "classifier_proj.weight" not in sd
     own_pcl = "classifier_proj.weight" not in own
     if "classifier.weight" in sd and ck_pcl != own_pcl:
@@ -264,131 +232,179 @@ def load_reid_checkpoint(
             f"The checkpoint has the {kind} head: set MODEL.METHOD {method} as trained"
         )
 
-    # SIE.
+
+def _check_sie(
+    plan: _Plan, model: ReIDModel, sd: dict[str, Tensor], own: dict[str, Tensor]
+) -> None:
     if "cv_embed" in sd and "cv_embed" not in own:
-        errors.append(_sie_hint(model, sd["cv_embed"].shape[0]))
-        skip.add("cv_embed")
+        plan.errors.append(_sie_hint(model, sd["cv_embed"].shape[0]))
+        plan.skip.add("cv_embed")
     elif "cv_embed" in own and "cv_embed" not in sd:
-        errors.append(
+        plan.errors.append(
             "the model has an SIE table (cv_embed) but the checkpoint has none: set "
             "MODEL.SIE_CAMERA False and MODEL.SIE_VIEW False"
         )
     elif "cv_embed" in sd and sd["cv_embed"].shape != own["cv_embed"].shape:
-        errors.append(
+        plan.errors.append(
             f"cv_embed: checkpoint {_fmt(sd['cv_embed'].shape)}, model "
             f"{_fmt(own['cv_embed'].shape)}: MODEL.SIE_CAMERA / MODEL.SIE_VIEW or the "
             f"dataset's camera/view counts differ from training"
         )
-        skip.add("cv_embed")
+        plan.skip.add("cv_embed")
 
-    # Text side.
+
+def _check_text_side(
+    plan: _Plan, model: ReIDModel, sd: dict[str, Tensor], own: dict[str, Tensor]
+) -> None:
     ck_text = [k for k in sd if k.startswith(TEXT_PREFIXES)]
     if not model.has_text:
         if ck_text:
             logger.info(
                 "Ignoring %d text-side keys: the baseline model has no text side", len(ck_text)
             )
-        skip.update(ck_text)
+        plan.skip.update(ck_text)
     elif not ck_text:
-        msg = "the checkpoint has no prompt learner / text encoder (a baseline checkpoint?)"
-        if for_training:
-            errors.append(msg + ": set MODEL.METHOD 'baseline' to resume it")
-        else:
-            warnings_.append(
-                msg + "; the text side keeps its current weights (evaluation does not use it)"
-            )
+        plan.mismatch(
+            "the checkpoint has no prompt learner / text encoder (a baseline checkpoint?)",
+            training=": set MODEL.METHOD 'baseline' to resume it",
+            evaluation="; the text side keeps its current weights (evaluation does not use it)",
+        )
     else:
-        ctx = sd.get("prompt_learner.cls_ctx")
-        own_ctx = own["prompt_learner.cls_ctx"]
-        if ctx is not None and ctx.shape[1:] != own_ctx.shape[1:]:
-            msg = (
-                f"prompt_learner.cls_ctx: checkpoint {_fmt(ctx.shape)}, model "
-                f"{_fmt(own_ctx.shape)}: set MODEL.PROMPT_N_CTX {ctx.shape[1]}"
-            )
-            if for_training:
-                errors.append(msg)
-            else:
-                warnings_.append(msg + "; prompt learner skipped (evaluation does not use it)")
-                skip.update(k for k in ck_text if k.startswith("prompt_learner."))
-        for key in ("prompt_learner.token_prefix", "prompt_learner.token_suffix"):
-            if key in sd and key not in skip and sd[key].shape != own[key].shape:
-                msg = (
-                    f"{key}: checkpoint {_fmt(sd[key].shape)}, model {_fmt(own[key].shape)}: "
-                    f"the prompt differs; set MODEL.PROMPT_TEMPLATE / MODEL.PROMPT_CLASS / "
-                    f"MODEL.PROMPT_N_CTX as trained"
-                )
-                if for_training:
-                    errors.append(msg)
-                else:
-                    warnings_.append(msg + "; prompt learner skipped")
-                    skip.update(k for k in ck_text if k.startswith("prompt_learner."))
-        ids = sd.get("prompt_learner.tokenized_prompts")
-        if (
-            ids is not None
-            and "prompt_learner.tokenized_prompts" not in skip
-            and (
-                ids.shape != own["prompt_learner.tokenized_prompts"].shape
-                or not torch.equal(ids.cpu(), own["prompt_learner.tokenized_prompts"].cpu())
-            )
-        ):
-            msg = (
-                "the checkpoint's prompt tokens differ from MODEL.PROMPT_TEMPLATE / "
-                "MODEL.PROMPT_CLASS; set them as trained"
-            )
-            if for_training:
-                errors.append(msg)
-            else:
-                warnings_.append(msg + "; prompt learner skipped")
-                skip.update(k for k in ck_text if k.startswith("prompt_learner."))
+        _check_prompt(plan, sd, own, [k for k in ck_text if k.startswith("prompt_learner.")])
 
-    # Number of identities: classifiers and prompt tokens.
+
+def _check_prompt(
+    plan: _Plan, sd: dict[str, Tensor], own: dict[str, Tensor], prompt_keys: list[str]
+) -> None:
+    """Prompt tokens: count (MODEL.PROMPT_N_CTX), template and class word (token ids)."""
+    found = []
+    ctx, own_ctx = sd.get("prompt_learner.cls_ctx"), own["prompt_learner.cls_ctx"]
+    if ctx is not None and ctx.shape[1:] != own_ctx.shape[1:]:
+        found.append(
+            f"prompt_learner.cls_ctx: checkpoint {_fmt(ctx.shape)}, model "
+            f"{_fmt(own_ctx.shape)}: set MODEL.PROMPT_N_CTX {ctx.shape[1]}"
+        )
+    for key in ("prompt_learner.token_prefix", "prompt_learner.token_suffix"):
+        if key in sd and sd[key].shape != own[key].shape:
+            found.append(
+                f"{key}: checkpoint {_fmt(sd[key].shape)}, model {_fmt(own[key].shape)}: "
+                f"the prompt differs; set MODEL.PROMPT_TEMPLATE / MODEL.PROMPT_CLASS / "
+                f"MODEL.PROMPT_N_CTX as trained"
+            )
+    ids, own_ids = (
+        sd.get("prompt_learner.tokenized_prompts"),
+        own["prompt_learner.tokenized_prompts"],
+    )
+    if ids is not None and (
+        ids.shape != own_ids.shape or not torch.equal(ids.cpu(), own_ids.cpu())
+    ):
+        found.append(
+            "the checkpoint's prompt tokens differ from MODEL.PROMPT_TEMPLATE / "
+            "MODEL.PROMPT_CLASS; set them as trained"
+        )
+    # Resuming reports every difference; evaluation skips the prompt learner at the first.
+    for msg in found if plan.for_training else found[:1]:
+        plan.mismatch(
+            msg,
+            evaluation="; prompt learner skipped (evaluation does not use it)",
+            skip=prompt_keys,
+        )
+
+
+def _check_identities(plan: _Plan, sd: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+    """Classifiers and per-identity prompt tokens sized for another number of identities."""
     for key in (*_CLASS_KEYS, "prompt_learner.cls_ctx"):
-        if key not in sd or key not in own or key in skip:
+        if key not in sd or key not in own or key in plan.skip:
             continue
         if sd[key].shape[0] != own[key].shape[0] and sd[key].shape[1:] == own[key].shape[1:]:
-            msg = (
+            plan.mismatch(
                 f"{key}: the checkpoint was trained with {sd[key].shape[0]} identities, the "
-                f"model has {own[key].shape[0]}"
+                f"model has {own[key].shape[0]}",
+                training="; resuming training needs the same training identities",
+                evaluation="; skipped (evaluation does not use it)",
+                skip=[key],
             )
-            if for_training:
-                errors.append(msg + "; resuming training needs the same training identities")
-            else:
-                warnings_.append(msg + "; skipped (evaluation does not use it)")
-                skip.add(key)
 
-    # Positional embeddings (token grid).
+
+def _check_token_grid(
+    plan: _Plan, model: ReIDModel, sd: dict[str, Tensor], own: dict[str, Tensor]
+) -> None:
     for key in (
         "image_encoder.positional_embedding",
         "image_encoder.attnpool.positional_embedding",
     ):
         if key in sd and key in own and sd[key].shape != own[key].shape:
-            errors.append(_pos_embed_error(model, key, sd[key].shape))
-            skip.add(key)
+            plan.errors.append(_pos_embed_error(model, key, sd[key].shape))
+            plan.skip.add(key)
 
-    # Everything else must match exactly.
+
+def _check_remaining(
+    plan: _Plan, model: ReIDModel, sd: dict[str, Tensor], own: dict[str, Tensor]
+) -> None:
+    """Every key not handled above must be present on both sides with the same shape."""
+    skip = plan.skip
     optional_missing = {"prompt_learner.tokenized_prompts"}
-    if model.has_text and not ck_text and not for_training:
-        optional_missing.update(k for k in own if k.startswith(TEXT_PREFIXES))
+    if model.has_text and not any(k.startswith(TEXT_PREFIXES) for k in sd):
+        if not plan.for_training:
+            optional_missing.update(k for k in own if k.startswith(TEXT_PREFIXES))
     unexpected = [k for k in sd if k not in own and k not in skip]
     missing = [k for k in own if k not in sd and k not in optional_missing and k not in skip]
     shapes = [k for k in sd if k in own and k not in skip and sd[k].shape != own[k].shape]
     if unexpected:
-        errors.append(f"unexpected keys in the checkpoint: {', '.join(unexpected[:8])}")
+        plan.errors.append(f"unexpected keys in the checkpoint: {', '.join(unexpected[:8])}")
     if missing:
-        errors.append(f"keys missing from the checkpoint: {', '.join(missing[:8])}")
+        plan.errors.append(f"keys missing from the checkpoint: {', '.join(missing[:8])}")
     if shapes:
-        errors.append(
+        plan.errors.append(
             "shape mismatches (is MODEL.NAME as trained?): "
             + "; ".join(f"{k} {_fmt(sd[k].shape)} vs {_fmt(own[k].shape)}" for k in shapes[:5])
         )
-    if errors:
-        raise CheckpointMismatchError(
-            "The checkpoint does not fit the model built from the config:\n- " + "\n- ".join(errors)
-        )
-    for msg in warnings_:
-        logger.warning(msg)
 
-    to_load = {k: v for k, v in sd.items() if k in own and k not in skip}
+
+def load_reid_checkpoint(
+    model: ReIDModel,
+    checkpoint: str | Path | Mapping,
+    *,
+    for_training: bool = False,
+    source: str = "TEST.WEIGHT",
+) -> CheckpointLoadReport:
+    """Load CLIP-ReID weights into a model built from the config.
+
+    Every difference is checked before anything is copied (see the module docstring).
+
+    Args:
+        model: the target ``ReIDModel``.
+        checkpoint: a file path, or a loaded object (state dict, or dict with a 'model' entry).
+        for_training: resuming training: classifiers and prompt tokens must match (same
+            identities) and the text side must be present for the CLIP-ReID method.
+        source: the option or key that named the file, for the messages.
+
+    Returns:
+        A ``CheckpointLoadReport``.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint does not fit; the message names the config keys.
+        FileNotFoundError: the path does not exist.
+        utils.checkpoint.CheckpointFormatError: the file is not a loadable checkpoint.
+    """
+    obj = read_checkpoint(checkpoint, source) if isinstance(checkpoint, (str, Path)) else checkpoint
+    sd = extract_state_dict(obj, source)
+    own = model.state_dict()
+    _check_family(model, sd, own)
+    plan = _Plan(for_training)
+    _check_sie(plan, model, sd, own)
+    _check_text_side(plan, model, sd, own)
+    _check_identities(plan, sd, own)
+    _check_token_grid(plan, model, sd, own)
+    _check_remaining(plan, model, sd, own)
+    if plan.errors:
+        raise CheckpointMismatchError(
+            "The checkpoint does not fit the model built from the config:\n- "
+            + "\n- ".join(plan.errors)
+        )
+    for msg in plan.warnings:
+        logger.warning(msg)
+    to_load = {k: v for k, v in sd.items() if k in own and k not in plan.skip}
     model.load_state_dict(to_load, strict=False)
     report = CheckpointLoadReport(
         loaded=sorted(to_load),
@@ -418,13 +434,13 @@ def _model_counts(
         return num_classes, 1, 1
     if cam and view:
         if not num_views:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"camera x view SIE: the checkpoint's table has {rows} = cameras x views rows; "
-                "pass --num_views with the training dataset's number of views"
+                "pass --num-views with the training dataset's number of views"
             )
         if rows % num_views:
-            raise ValueError(
-                f"--num_views {num_views} does not divide the {rows} rows of the SIE table"
+            raise CheckpointMismatchError(
+                f"--num-views {num_views} does not divide the {rows} rows of the SIE table"
             )
         return num_classes, rows // num_views, num_views
     if view:
@@ -449,19 +465,20 @@ def build_model_from_checkpoint(
         cfg: the run's configuration (MODEL.*, INPUT.*, TEST.NECK_FEAT).
         weights: checkpoint path or loaded checkpoint (state dict or dict with 'model').
         num_views: training views, for camera x view SIE only.
-        source: the option that named ``weights``, for the missing-file error.
+        source: the option that named ``weights``, for the messages.
 
     Returns:
         The ``ReIDModel`` on the CPU in eval mode.
 
     Raises:
         FileNotFoundError: the weights file does not exist.
-        ValueError: camera x view SIE without a usable ``num_views``.
-        CheckpointMismatchError: the checkpoint does not fit the config (names the keys to set).
+        utils.checkpoint.CheckpointFormatError: the file is not a loadable checkpoint.
+        CheckpointMismatchError: the checkpoint does not fit the config (names the keys to set),
+            or camera x view SIE without a usable ``num_views``.
     """
     obj = read_checkpoint(weights, source) if isinstance(weights, (str, Path)) else weights
-    sd = extract_state_dict(obj)
+    sd = extract_state_dict(obj, source)
     num_classes, num_cameras, views = _model_counts(cfg, sd, num_views)
     model = build_model(cfg, num_classes, num_cameras, views, load_pretrained=False)
-    load_reid_checkpoint(model, obj, for_training=False)
+    load_reid_checkpoint(model, obj, for_training=False, source=source)
     return model.eval()

@@ -1,4 +1,4 @@
-"""ReID checkpoints: official layout (with 'module.'), project format, and mismatch messages."""
+"""model.loading: official (with 'module.') and project checkpoints, and mismatch messages."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from model import (
     load_reid_checkpoint,
 )
 from tests.clip_fixtures import make_cfg, official_reid_layout, random_reid_checkpoint
+from utils.checkpoint import CheckpointFormatError
 
 ARCH = get_arch("ViT-T-16-test")
 C = 6
@@ -50,8 +51,14 @@ def test_official_and_project_formats_give_same_features(tmp_path, official):
     path = tmp_path / "ViT-T-16-test_60.pth"
     torch.save({f"module.{k}": v for k, v in official.items()}, path)
     project = tmp_path / "last.pth"
-    cfg = make_cfg()  # a training checkpoint may carry the config node itself
-    torch.save({"model": official, "optimizer": {"state": {}}, "epoch": 3, "config": cfg}, project)
+    cfg = make_cfg()  # a training checkpoint carries its config as text
+    state = {"model": official, "optimizer": {"state": {}}, "epoch": 3, "config": cfg.dump()}
+    torch.save(state, project)
+    # The config node itself is a Python object: refused unread (weights_only), naming the class.
+    node = tmp_path / "node.pth"
+    torch.save(dict(state, config=cfg), node)
+    with pytest.raises(CheckpointFormatError, match=r"TEST.WEIGHT .*node\.pth.*CfgNode"):
+        load_reid_checkpoint(_model(seed=1), node)
 
     a, b, ref = _model(seed=1), _model(seed=2), _model(seed=3)
     report = load_reid_checkpoint(a, path)
@@ -71,7 +78,7 @@ def test_official_and_project_formats_give_same_features(tmp_path, official):
 def test_extract_state_dict_strips_wrappers():
     sd = {"module._orig_mod.classifier.weight": torch.zeros(1)}
     assert list(extract_state_dict({"model": sd})) == ["classifier.weight"]
-    with pytest.raises(TypeError):
+    with pytest.raises(CheckpointFormatError, match="state dict"):
         extract_state_dict({"model": {"a": 1}})
 
 
@@ -105,7 +112,7 @@ def test_token_count_mismatch_names_stride_values():
 
 def test_class_count_mismatch_skips_classifiers_for_eval(official, caplog):
     other = _model(num_classes=9, seed=5)
-    with caplog.at_level(logging.WARNING, logger="model.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="model.loading"):
         report = load_reid_checkpoint(other, official)
     assert "identities" in caplog.text
     assert set(report.skipped) == {
@@ -133,7 +140,7 @@ def test_baseline_and_text_side(official, caplog):
     report = load_reid_checkpoint(_model(MODEL__METHOD="baseline"), official)
     assert "text_encoder.ln_final.weight" in report.skipped
     # A baseline checkpoint in a CLIP-ReID model: fine for evaluation, not for training.
-    with caplog.at_level(logging.WARNING, logger="model.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="model.loading"):
         load_reid_checkpoint(_model(), baseline_ckpt)
     assert "baseline" in caplog.text
     with pytest.raises(CheckpointMismatchError, match="MODEL.METHOD 'baseline'"):
