@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     Raises:
         configs.config.ConfigError: TEST.WEIGHT unset or TEST.VISUALIZE* out of range.
     """
-    cfg, device = parse_and_setup(
+    cfg, device, _ = parse_and_setup(
         argv, "Evaluate a ReID checkpoint.", "test_log.txt", config_name="test_config.yaml"
     )
     if not cfg.TEST.WEIGHT:

@@ -148,6 +148,12 @@ _C.SOLVER = CN()
 _C.SOLVER.SEED = 1234
 # Triplet margin (both stages).
 _C.SOLVER.MARGIN = 0.3
+# A non-finite loss or gradient: 'stop' the run at once (no checkpoint of the broken weights is
+# written) or 'skip' the step; stop is the default because divergence is almost always a bug or a
+# learning rate too high, and skipping hides it.
+_C.SOLVER.NONFINITE = "stop"
+# With NONFINITE 'skip': stop after this many non-finite steps in a row (a run that cannot recover).
+_C.SOLVER.NONFINITE_MAX_SKIPS = 10
 # Resume from a checkpoint: a path, or 'auto' for OUTPUT_DIR/last.pth; '' starts fresh.
 _C.SOLVER.RESUME = ""
 

@@ -50,6 +50,7 @@ class EpochBatchSampler(Sampler[list]):
             raise ValueError(f"rank {self.rank} is outside 0..{self.world_size - 1}")
         self.sample_seeds = sample_seeds
         self.epoch = 0
+        self._skip = 0
         self._cache: tuple[int, list[list]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -59,6 +60,16 @@ class EpochBatchSampler(Sampler[list]):
             epoch: any integer (the training loop's epoch counter).
         """
         self.epoch = int(epoch)
+
+    def skip_next(self, num_batches: int) -> None:
+        """Make the next iteration start after its first ``num_batches`` batches (a resumed epoch).
+
+        The skipped batches are neither yielded nor loaded; ``len`` stays the epoch's length.
+
+        Args:
+            num_batches: batches of the current epoch already trained on.
+        """
+        self._skip = int(num_batches)
 
     def global_batches(self, rng: np.random.Generator) -> list[list[int]]:
         """All batches of one epoch before the rank split.
@@ -93,8 +104,9 @@ class EpochBatchSampler(Sampler[list]):
         return mine
 
     def __iter__(self) -> Iterator[list]:
-        """Yield this rank's batches of the current epoch."""
-        yield from (list(b) for b in self.epoch_batches())
+        """Yield this rank's batches of the current epoch (after any :meth:`skip_next`)."""
+        skip, self._skip = self._skip, 0
+        yield from (list(b) for b in self.epoch_batches()[skip:])
 
     def __len__(self) -> int:
         """Exact number of batches this rank yields in the current epoch."""

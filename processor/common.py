@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -12,6 +14,191 @@ import torch
 logger = logging.getLogger(__name__)
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a non-finite loss or gradient; the message says where and with what lr."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped training after a resumable checkpoint was written.
+
+    Attributes:
+        exit_code: the conventional status of the signal (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class StepGuard:
+    """Checks every step's loss and gradients, and carries a stop request from a signal.
+
+    Attributes:
+        policy: 'stop' raises :class:`NonFiniteLossError` at the first non-finite step; 'skip'
+            drops the step (no optimizer update) and stops after ``max_skips`` in a row.
+        max_skips: consecutive skipped steps tolerated with 'skip'.
+        skipped: steps skipped so far in this run.
+        in_a_row: consecutive skipped steps up to the last one.
+        stop_signal: the signal number received (0: none); the loops stop at the next step end.
+    """
+
+    policy: str = "stop"
+    max_skips: int = 10
+    skipped: int = 0
+    in_a_row: int = 0
+    stop_signal: int = 0
+    _previous: dict[int, Any] = field(default_factory=dict, repr=False)
+
+    def step_is_finite(
+        self,
+        loss: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        where: str,
+    ) -> bool:
+        """Whether the step (loss, then gradients after ``backward``) may be applied.
+
+        Call after ``backward``. With the fp16 scaler enabled, non-finite gradients are the
+        scaler's normal business (it skips the step and lowers the scale): only the loss is
+        checked then.
+
+        Args:
+            loss: the summed loss of the step.
+            terms: its named terms (for the message).
+            optimizer: the stage's optimizer (its gradients and lr).
+            scaler: the stage's gradient scaler.
+            where: '[stageN] ep E it I', for the message.
+
+        Returns:
+            True to apply the step, False to skip it (policy 'skip').
+
+        Raises:
+            NonFiniteLossError: policy 'stop', or more than ``max_skips`` skips in a row.
+        """
+        what = None
+        if not torch.isfinite(loss.detach()):
+            what = "loss"
+        elif not scaler.is_enabled() and not _grads_finite(optimizer):
+            what = "gradient"
+        if what is None:
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        values = " ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+        lr = optimizer.param_groups[0]["lr"]
+        message = f"{where}: non-finite {what} (loss {loss.item():.4g}: {values}) at lr {lr:.3g}"
+        if self.policy == "stop" or self.in_a_row > self.max_skips:
+            reason = (
+                "SOLVER.NONFINITE 'stop'"
+                if self.policy == "stop"
+                else f"{self.in_a_row} non-finite steps in a row (SOLVER.NONFINITE_MAX_SKIPS "
+                f"{self.max_skips})"
+            )
+            raise NonFiniteLossError(
+                f"{message}. Training stopped ({reason}); the last checkpoint holds the last "
+                "finite weights. Lower the learning rate, check the data, or resume with "
+                "SOLVER.NONFINITE 'skip' to drop such steps."
+            )
+        logger.warning(
+            "%s: step skipped (%d in a row, %d in all)", message, self.in_a_row, self.skipped
+        )
+        return False
+
+    @contextlib.contextmanager
+    def catching_signals(self) -> Iterator[None]:
+        """Within the block, SIGINT and SIGTERM request a stop instead of killing the process.
+
+        A second signal of the same kind restores the default behaviour (an impatient Ctrl-C
+        still stops at once). Outside the main thread signals cannot be caught: no-op there.
+        """
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._request_stop)
+        except ValueError:  # not the main thread
+            self._previous.clear()
+        try:
+            yield
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        if self.stop_signal == signum:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.stop_signal = signum
+        logger.warning(
+            "%s received: saving a resumable checkpoint at the end of this step "
+            "(send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient of the optimizer's parameters is finite (one reduction)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)  # one fused kernel per device and dtype
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+@dataclass
+class ResumePoint:
+    """Where a stage starts: its first epoch and, after an interruption, the steps already done.
+
+    Attributes:
+        epoch: the first epoch to run.
+        iteration: steps of ``epoch`` already done (0: start the epoch from its beginning).
+        meter: the epoch meter's state at the interruption.
+        recipe: the recipe's mid-epoch state (``Recipe.state_dict``).
+        rng: the random state at the interruption (restored before the remaining steps).
+    """
+
+    epoch: int = 1
+    iteration: int = 0
+    meter: dict | None = None
+    recipe: dict | None = None
+    rng: dict | None = None
+
+
+class StageControl:
+    """What a training loop asks of its run at step and epoch ends.
+
+    The base class runs a stage plainly (epoch 1 on, no checkpoints, stop at the first
+    non-finite step); :mod:`processor.train` subclasses it with checkpoints and evaluation.
+
+    Args:
+        guard: the step guard (non-finite policy, signal stop requests).
+        start: where the stage starts.
+    """
+
+    def __init__(self, guard: StepGuard | None = None, start: ResumePoint | None = None):
+        self.guard = guard if guard is not None else StepGuard()
+        self.start = start if start is not None else ResumePoint()
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after each finished epoch."""
+
+    def interrupt(self, epoch: int, iteration: int, meter_state: dict) -> None:
+        """Called at a step end after a stop request; must raise (the base saves nothing)."""
+        raise TrainingInterrupted(
+            f"stopped by signal {self.guard.stop_signal} at epoch {epoch} step {iteration}",
+            128 + self.guard.stop_signal,
+        )
+
+
+def build_step_guard(cfg) -> StepGuard:
+    """Read ``SOLVER.NONFINITE`` and ``SOLVER.NONFINITE_MAX_SKIPS``."""
+    return StepGuard(policy=cfg.SOLVER.NONFINITE, max_skips=cfg.SOLVER.NONFINITE_MAX_SKIPS)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from loss.build import stage1_loss
-from processor.common import LoopSettings, autocast, format_terms
+from processor.common import LoopSettings, StageControl, autocast, format_terms
+from utils.faults import fault_point
 from utils.logger import PeriodMeter, append_metrics, progress
-from utils.seed import epoch_seed
+from utils.seed import epoch_seed, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +153,9 @@ def train_stage1(
     loop: LoopSettings,
     prompt: PromptSettings,
     device: torch.device,
-    start_epoch: int = 1,
-    on_epoch_end: Callable[[int], None] | None = None,
+    control: StageControl | None = None,
 ) -> None:
-    """Run stage-1 epochs ``start_epoch..MAX_EPOCHS``.
+    """Run the stage-1 epochs, from ``control.start`` to ``loop.epochs``.
 
     Args:
         model: the ReID model; only its prompt tokens must require grad.
@@ -166,15 +166,15 @@ def train_stage1(
         loop: the stage's loop settings.
         prompt: what a step does.
         device: where training runs.
-        start_epoch: first epoch to run (after a resume).
-        on_epoch_end: called with the finished epoch (checkpointing).
+        control: the run's checkpoints, step guard and resume point (None: a plain run).
     """
-    if start_epoch > loop.epochs:
+    control = control if control is not None else StageControl()
+    start = control.start
+    if start.epoch > loop.epochs:
         return
     t0 = time.perf_counter()
     feats, pids = cache_image_features(model, loader, device, loop.amp_dtype)
     units, step = _prompt_step(model, feats, pids, prompt, device, loop.amp_dtype)
-    batch = prompt.batch
     logger.info(
         "[stage1] cached %d image features %s in %.1fs; mode %s",
         len(feats),
@@ -183,34 +183,37 @@ def train_stage1(
         prompt.mode,
     )
     model.train()
-    for epoch in range(start_epoch, loop.epochs + 1):
+    for epoch in range(start.epoch, loop.epochs + 1):
         scheduler.step(epoch)
         gen = torch.Generator().manual_seed(epoch_seed(loop.seed, 1, epoch))
         order = units[torch.randperm(len(units), generator=gen).to(device)]
         # ceil division: the last batch holds the remainder and is never empty.
-        num_iters = (len(order) + batch - 1) // batch
-        meter = PeriodMeter()
-        epoch_meter = PeriodMeter()
-        for it in range(num_iters):
-            idx = order[it * batch : (it + 1) * batch]
+        num_iters = (len(order) + prompt.batch - 1) // prompt.batch
+        meter, epoch_meter = PeriodMeter(), PeriodMeter()
+        done = 0
+        if epoch == start.epoch and start.iteration:
+            done = start.iteration
+            epoch_meter.load_state_dict(start.meter)
+            set_rng_state(start.rng)
+        for it in range(done, num_iters):
+            idx = order[it * prompt.batch : (it + 1) * prompt.batch]
             optimizer.zero_grad(set_to_none=True)
             terms = step(idx)
             loss = sum(terms.values())
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-            meter.update(values, images=len(idx))
-            epoch_meter.update(values, images=len(idx))
+            where = f"[stage1] ep {epoch} it {it + 1}"
+            if control.guard.step_is_finite(loss, terms, optimizer, scaler, where):
+                scaler.step(optimizer)
+                scaler.update()
+                fault_point("step")
+                values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+                meter.update(values, images=len(idx))
+                epoch_meter.update(values, images=len(idx))
             if (it + 1) % loop.log_period == 0 or it + 1 == num_iters:
-                means = meter.means()
-                lr = optimizer.param_groups[0]["lr"]
-                logger.info(
-                    "[stage1] ep %d/%d it %d/%d loss %.3f %s lr %.2e %.0f feat/s",
-                    *(epoch, loop.epochs, it + 1, num_iters, means.pop("loss")),
-                    *(format_terms(means), lr, meter.rate()),
-                )
+                _log_period(meter, loop, epoch, it + 1, num_iters, optimizer.param_groups[0]["lr"])
                 meter.reset()
+            if control.guard.stop_signal:
+                control.interrupt(epoch, it + 1, epoch_meter.state_dict())
         append_metrics(
             loop.output_dir,
             {
@@ -220,6 +223,20 @@ def train_stage1(
                 **epoch_meter.means(),
             },
         )
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
+        control.end_epoch(epoch)
     logger.info("[stage1] done in %.1fs", time.perf_counter() - t0)
+
+
+def _log_period(meter: PeriodMeter, loop: LoopSettings, epoch: int, it: int, n: int, lr: float):
+    means = meter.means()
+    logger.info(
+        "[stage1] ep %d/%d it %d/%d loss %.3f %s lr %.2e %.0f feat/s",
+        epoch,
+        loop.epochs,
+        it,
+        n,
+        means.pop("loss", float("nan")),  # nan: every step of the period was skipped
+        format_terms(means),
+        lr,
+        meter.rate(),
+    )

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from processor.common import LoopSettings, autocast, batch_ids, format_terms
+from processor.common import LoopSettings, StageControl, autocast, batch_ids, format_terms
 from processor.recipes.base import Recipe
 from utils.dist import broadcast_buffers, get_world_size
+from utils.faults import fault_point
 from utils.logger import PeriodMeter, append_metrics, progress
-from utils.seed import epoch_seed, seed_everything
+from utils.seed import epoch_seed, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -62,18 +63,34 @@ def _wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     )
 
 
-def _seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Seed the loader's shuffling and sampler for ``epoch`` (a resumed run replays it)."""
+def epoch_batches(loader: DataLoader, seed: int, epoch: int, skip: int = 0):
+    """Seed the loader for ``epoch`` (a resumed run replays it) and iterate its batches.
+
+    Args:
+        loader: the train loader (its sampler or batch sampler may have ``set_epoch``).
+        seed: the epoch's seed (the loader's generator).
+        epoch: the epoch number.
+        skip: batches already trained on (a resumed epoch): not yielded, and not loaded when
+            the batch sampler offers ``skip_next``.
+
+    Returns:
+        An iterator over the remaining batches.
+    """
     if getattr(loader, "generator", None) is not None:
         loader.generator.manual_seed(seed)
-    for obj in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for obj in (getattr(loader, "sampler", None), batch_sampler):
         if hasattr(obj, "set_epoch"):
             obj.set_epoch(epoch)
+    if skip and hasattr(batch_sampler, "skip_next"):
+        batch_sampler.skip_next(skip)
+        return iter(loader)
+    return itertools.islice(iter(loader), skip, None)
 
 
 def _log_period(meter: PeriodMeter, loop: LoopSettings, epoch: int, it: int, n: int, lr: float):
     means = meter.means()
-    loss_mean = means.pop("loss")
+    loss_mean = means.pop("loss", float("nan"))  # nan: every step of the period was skipped
     acc = means.pop("acc", None)
     logger.info(
         "[stage2] ep %d/%d it %d/%d loss %.3f %s%s lr %.2e %.0f img/s",
@@ -95,27 +112,50 @@ def _train_step(
     batch: dict[str, Any],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
-    amp_dtype: str,
-) -> dict[str, float]:
-    """One optimizer step on a batch; returns the logged values (loss, terms, accuracy)."""
+    loop: LoopSettings,
+    control: StageControl,
+    where: str,
+) -> dict[str, float] | None:
+    """One optimizer step on a batch; returns the logged values, or None for a skipped step."""
     device = recipe.device
     images = batch["images"].to(device, non_blocking=True)
     pids, cams, views = batch_ids(batch, device)
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, amp_dtype):
+    with autocast(device, loop.amp_dtype):
         text_pids = recipe.text_pids(pids)
         out, text_feats = step(images, cams, views, text_pids)
         terms = recipe.losses(out, pids, text_pids, text_feats)
     loss = sum(terms.values())
     scaler.scale(loss).backward()
+    if not control.guard.step_is_finite(loss, terms, optimizer, scaler, where):
+        optimizer.zero_grad(set_to_none=True)
+        return None
     scaler.step(optimizer)
     scaler.update()
+    fault_point("step")
     recipe.end_step(out, pids)
     values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
     acc = recipe.accuracy(out, pids)
     if acc is not None:
         values["acc"] = acc
     return values
+
+
+def _start_epoch(recipe: Recipe, loader: DataLoader, epoch: int, control: StageControl):
+    """Begin an epoch: the recipe's epoch-start work, or its saved state in a resumed epoch.
+
+    Returns:
+        (loader, steps already done, epoch meter).
+    """
+    start = control.start
+    meter = PeriodMeter()
+    if epoch == start.epoch and start.iteration:
+        replaced = recipe.load_state_dict(start.recipe or {})
+        meter.load_state_dict(start.meter)
+        set_rng_state(start.rng)
+        return (loader if replaced is None else replaced), start.iteration, meter
+    replaced = recipe.start_epoch(epoch)
+    return (loader if replaced is None else replaced), 0, meter
 
 
 def train_stage2(
@@ -125,31 +165,33 @@ def train_stage2(
     scheduler,
     scaler: torch.amp.GradScaler,
     loop: LoopSettings,
-    start_epoch: int = 1,
-    on_epoch_end: Callable[[int], None] | None = None,
+    control: StageControl | None = None,
 ) -> None:
-    """Run stage-2 epochs ``start_epoch..loop.epochs`` of a recipe.
+    """Run the stage-2 epochs of a recipe, from ``control.start`` to ``loop.epochs``.
 
     Per batch: the model's training forward (plus the prompts of ``recipe.text_pids`` in
-    one-stage training), the recipe's loss terms, one optimizer step, then ``recipe.end_step``
-    (e.g. PCL-CLIP's memory update). Each epoch starts with ``recipe.start_epoch`` (e.g. the
-    memory rebuild, or new pseudo labels with their own loader).
+    one-stage training), the recipe's loss terms, one optimizer step (unless the step guard
+    finds it non-finite), then ``recipe.end_step`` (e.g. PCL-CLIP's memory update). Each epoch
+    starts with ``recipe.start_epoch`` (e.g. the memory rebuild, or new pseudo labels with their
+    own loader) and ends with ``control.end_epoch`` (checkpoint, evaluation). After a stop
+    request (SIGINT/SIGTERM) ``control.interrupt`` saves the state at the step's end.
 
     Args:
         recipe: the run's recipe (model, criterion and per-epoch/per-step work).
-        loader: P x K train loader (its sampler has ``set_epoch``).
+        loader: P x K train loader (its batch sampler has ``set_epoch``).
         optimizer: stage-2 optimizer (``recipe.build_optimizer``).
         scheduler: epoch scheduler, stepped at the start of each epoch (official order) with
             ``epoch - recipe.lr_epoch_offset``.
         scaler: gradient scaler.
         loop: the stage's loop settings.
-        start_epoch: first epoch to run (after a resume).
-        on_epoch_end: called with the finished epoch (evaluation, checkpointing).
+        control: the run's checkpoints, evaluation, step guard and resume point (None: a plain
+            run from epoch 1).
 
     In a process group (``torchrun``) the steps run through DistributedDataParallel: each rank
     computes its losses on its own share of the global batch and the gradients are averaged.
     """
-    if start_epoch > loop.epochs:
+    control = control if control is not None else StageControl()
+    if control.start.epoch > loop.epochs:
         return
     model, device = recipe.model, recipe.device
     # In a process group the step runs through DDP; ``model`` itself stays unwrapped for the
@@ -157,24 +199,28 @@ def train_stage2(
     step = _wrap_ddp(model, device)
     recipe.start()
     t0 = time.perf_counter()
-    for epoch in range(start_epoch, loop.epochs + 1):
+    for epoch in range(control.start.epoch, loop.epochs + 1):
         scheduler.step(epoch - recipe.lr_epoch_offset)
         # Everything random in an epoch derives from (seed, epoch): a resumed run replays it.
         seed = epoch_seed(loop.seed, 2, epoch)
         seed_everything(seed)
-        replaced = recipe.start_epoch(epoch)
-        loader = loader if replaced is None else replaced
-        _seed_epoch(loader, seed, epoch)
+        loader, done, epoch_meter = _start_epoch(recipe, loader, epoch, control)
         step.train()
-        meter, epoch_meter = PeriodMeter(), PeriodMeter()
+        meter = PeriodMeter()
         num_iters = len(loader)
-        for it, batch in enumerate(progress(loader, total=num_iters, desc=f"stage2 ep {epoch}")):
-            values = _train_step(recipe, step, batch, optimizer, scaler, loop.amp_dtype)
-            meter.update(values, images=len(batch["pids"]))
-            epoch_meter.update(values, images=len(batch["pids"]))
+        batches = epoch_batches(loader, seed, epoch, skip=done)
+        desc = f"stage2 ep {epoch}"
+        for it, batch in enumerate(progress(batches, total=num_iters - done, desc=desc), done):
+            where = f"[stage2] ep {epoch} it {it + 1}"
+            values = _train_step(recipe, step, batch, optimizer, scaler, loop, control, where)
+            if values is not None:
+                meter.update(values, images=len(batch["pids"]))
+                epoch_meter.update(values, images=len(batch["pids"]))
             if (it + 1) % loop.log_period == 0 or it + 1 == num_iters:
                 _log_period(meter, loop, epoch, it + 1, num_iters, optimizer.param_groups[0]["lr"])
                 meter.reset()
+            if control.guard.stop_signal:
+                control.interrupt(epoch, it + 1, epoch_meter.state_dict())
         append_metrics(
             loop.output_dir,
             {
@@ -188,6 +234,5 @@ def train_stage2(
         # BatchNorm statistics are per rank during the epoch (plain DDP); rank 0's are kept, so
         # evaluation, checkpoints and every rank's next epoch see the same model.
         broadcast_buffers(model)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
+        control.end_epoch(epoch)
     logger.info("[stage2] done in %.1fs", time.perf_counter() - t0)

@@ -1,17 +1,39 @@
-"""Wiring of a training run: build everything, resume, run the recipe's stages, evaluate, save."""
+"""Wiring of a training run: build everything, resume, run the recipe's stages, evaluate, save.
+
+What is saved when (the guarantees the README states):
+
+* every ``CHECKPOINT_PERIOD`` epochs and at the end of each stage: ``OUTPUT_DIR/last.pth`` (full
+  state), then at the end of a stage its weights file, and only then the evaluation; a failed
+  evaluation is reported and training goes on;
+* on SIGINT/SIGTERM: ``last.pth`` at the end of the running step (resumable mid-epoch);
+* never a checkpoint with non-finite weights;
+* a resume redoes whatever a stage end still owed (its weights file, its evaluation), drops the
+  ``metrics.jsonl`` records written after the checkpoint, and removes stale temporary files.
+"""
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
-from functools import partial
 from typing import Any
 
 import torch
+import yaml
 
 from datasets.build import build_dataloaders
 from model.build import build_model
-from processor.common import LoopSettings, build_loop_settings, make_grad_scaler
+from processor.common import (
+    LoopSettings,
+    ResumePoint,
+    StageControl,
+    StepGuard,
+    TrainingInterrupted,
+    build_loop_settings,
+    build_step_guard,
+    make_grad_scaler,
+)
 from processor.evaluate import build_eval_settings, evaluate_bundle, log_results
 from processor.recipes import Recipe, get_recipe
 from processor.stage1 import train_stage1
@@ -19,129 +41,336 @@ from processor.stage2 import train_stage2
 from solver.scheduler import build_scheduler
 from utils.checkpoint import load_training_checkpoint, save_checkpoint
 from utils.dist import barrier, broadcast_object, is_main_process
-from utils.logger import append_metrics
+from utils.faults import fault_point
+from utils.logger import append_metrics, rewind_metrics
 from utils.seed import get_rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
 
 LAST = "last.pth"
 SUMMARY_KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries")
+# Keys a resumed run may change freely: where things are, how often to log/save/evaluate, how the
+# evaluation is done and the loader's parallelism. Any other difference changes the schedule, the
+# model or the data and needs --accept-config-changes.
+RESUME_FREE_KEYS = (
+    "OUTPUT_DIR",
+    "SOLVER.RESUME",
+    "MODEL.DEVICE",
+    "DATASETS.ROOT_DIR",
+    "DATALOADER.NUM_WORKERS",
+    "SOLVER.NONFINITE",
+    "SOLVER.NONFINITE_MAX_SKIPS",
+    "SOLVER.STAGE1.LOG_PERIOD",
+    "SOLVER.STAGE1.CHECKPOINT_PERIOD",
+    "SOLVER.STAGE2.LOG_PERIOD",
+    "SOLVER.STAGE2.CHECKPOINT_PERIOD",
+    "SOLVER.STAGE2.EVAL_PERIOD",
+    "TEST.",
+)
 
 
-def _resume_path(resume: str, output_dir: str) -> str | None:
-    if not resume:
-        return None
-    path = os.path.join(output_dir, LAST) if resume == "auto" else resume
-    if not os.path.isfile(path):
-        if resume == "auto":
-            logger.info("no checkpoint at %s: starting a fresh run", path)
-            return None
-        raise FileNotFoundError(f"SOLVER.RESUME = {resume!r}: no such checkpoint file")
-    return path
+class RunDirError(ValueError):
+    """OUTPUT_DIR holds a run that this command would overwrite; the message says what to do."""
 
 
-def _check_resumed_config(saved: str, cfg) -> None:
-    current = cfg.dump().splitlines()
-    old = saved.splitlines()
-    changed = sorted(set(current) ^ set(old))
-    changed = [line for line in changed if "RESUME" not in line and "OUTPUT_DIR" not in line]
-    if changed:
-        logger.warning(
-            "the configuration differs from the checkpoint's in %d line(s): %s",
-            len(changed),
-            "; ".join(line.strip() for line in changed[:10]),
+class ResumeConfigError(ValueError):
+    """The resumed run's config differs from the checkpoint's in keys that change the run."""
+
+
+class EvaluationFailedError(RuntimeError):
+    """Training finished and was saved, but its final evaluation failed."""
+
+
+def _flat(node: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume_config(saved: str, cfg, accept_changes: bool) -> None:
+    """Compare the checkpoint's config with the current one before resuming.
+
+    Args:
+        saved: the checkpoint's ``config`` (a YAML dump).
+        cfg: the current config.
+        accept_changes: continue despite differences (they are logged as warnings).
+
+    Raises:
+        ResumeConfigError: keys outside :data:`RESUME_FREE_KEYS` differ, listed with the
+            checkpoint's and the new value.
+    """
+    old, new = _flat(yaml.safe_load(saved) or {}), _flat(yaml.safe_load(cfg.dump()))
+    changed = [
+        f"{key}: checkpoint {old.get(key)!r} -> now {new.get(key)!r}"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not key.startswith(RESUME_FREE_KEYS)
+    ]
+    if not changed:
+        return
+    listing = "\n  ".join(changed)
+    if not accept_changes:
+        raise ResumeConfigError(
+            f"the config differs from the checkpoint's in {len(changed)} key(s) that change the "
+            f"schedule, the model or the data:\n  {listing}\nResume with the checkpoint's values "
+            "(OUTPUT_DIR/config.yaml), or add --accept-config-changes to continue with the new ones"
         )
+    logger.warning("resuming with %d changed key(s) (accepted):\n  %s", len(changed), listing)
+
+
+def check_output_dir(cfg, overwrite: bool) -> None:
+    """Refuse to start a fresh run over a resumable one (called before anything is written).
+
+    Args:
+        cfg: the run configuration (``OUTPUT_DIR``, ``SOLVER.RESUME``).
+        overwrite: the user asked to start over.
+
+    Raises:
+        RunDirError: ``OUTPUT_DIR/last.pth`` exists, no resume is asked and no overwrite.
+    """
+    last = os.path.join(cfg.OUTPUT_DIR, LAST)
+    if cfg.SOLVER.RESUME or overwrite or not os.path.isfile(last):
+        return
+    raise RunDirError(
+        f"OUTPUT_DIR {cfg.OUTPUT_DIR!r} holds a resumable run ({LAST}). Add --resume to continue "
+        "it, choose another OUTPUT_DIR, or add --overwrite to start over (its "
+        f"{LAST} and metrics.jsonl are replaced)"
+    )
 
 
 class _Run:
-    """What a run owns besides the loops: the resume checkpoint, checkpoints, evaluation, metrics.
+    """What a run owns besides the loops: resume state, checkpoints, evaluation, metrics.
 
     Args:
         cfg: the frozen run configuration.
         recipe: the run's recipe (its model and data).
+        guard: the step guard (non-finite policy, signals).
+        accept_changes: resume despite config differences.
+        overwrite: start over in an OUTPUT_DIR that holds a resumable run.
     """
 
-    def __init__(self, cfg, recipe: Recipe) -> None:
+    def __init__(
+        self, cfg, recipe: Recipe, guard: StepGuard, accept_changes: bool, overwrite: bool
+    ) -> None:
         self.cfg = cfg
         self.recipe = recipe
+        self.guard = guard
         self.output_dir = cfg.OUTPUT_DIR
         self.model_name = cfg.MODEL.NAME
         self.eval_settings = build_eval_settings(cfg)
         self.metrics: dict[str, Any] = {}
-        self.ckpt: dict[str, Any] | None = None
-        path = _resume_path(cfg.SOLVER.RESUME, self.output_dir)
-        if path is not None:
-            self.ckpt = load_training_checkpoint(path)
-            _check_resumed_config(self.ckpt.get("config", ""), cfg)
-            recipe.model.load_state_dict(self.ckpt["model"])
-            self.metrics = dict(self.ckpt.get("metrics", {}))
-            logger.info(
-                "resuming from %s: stage %d, epoch %d done",
-                path,
-                self.ckpt["stage"],
-                self.ckpt["epoch"],
-            )
+        self.eval_error: str | None = None
+        self.ckpt = self._open(cfg.SOLVER.RESUME, accept_changes, overwrite)
+
+    # ------------------------------------------------------------------------------ start-up
+    def _open(self, resume: str, accept_changes: bool, overwrite: bool) -> dict | None:
+        """Load the resume checkpoint, or make sure a fresh run overwrites nothing by accident."""
+        last = os.path.join(self.output_dir, LAST)
+        if is_main_process():
+            for stale in glob.glob(os.path.join(glob.escape(self.output_dir), "*.tmp")):
+                os.remove(stale)  # left by a process killed while writing
+        if not resume:
+            check_output_dir(self.cfg, overwrite)
+            if is_main_process():
+                if os.path.isfile(last):  # --overwrite: the old run must not be resumed later
+                    os.remove(last)
+                rewind_metrics(self.output_dir, None)
+            return None
+        path = last if resume == "auto" else resume
+        if not os.path.isfile(path):
+            if resume == "auto":
+                logger.info("no checkpoint at %s: starting a fresh run", path)
+                if is_main_process():
+                    rewind_metrics(self.output_dir, None)
+                return None
+            raise FileNotFoundError(f"SOLVER.RESUME = {resume!r}: no such checkpoint file")
+        ckpt = load_training_checkpoint(path)
+        check_resume_config(ckpt.get("config", ""), self.cfg, accept_changes)
+        self.recipe.model.load_state_dict(ckpt["model"])
+        self.metrics = dict(ckpt.get("metrics", {}))
+        partial = ckpt.get("partial")
+        at = (ckpt["stage"], partial["epoch"] if partial else ckpt["epoch"])
+        if is_main_process():
+            rewind_metrics(self.output_dir, at)
+        logger.info(
+            "resuming from %s: stage %d, epoch %d done%s",
+            path,
+            ckpt["stage"],
+            ckpt["epoch"],
+            f", {partial['iteration']} steps of epoch {partial['epoch']}" if partial else "",
+        )
+        return ckpt
 
     @property
     def resumed_stage(self) -> int:
         """The stage of the resume checkpoint (0 for a fresh run)."""
         return self.ckpt["stage"] if self.ckpt else 0
 
-    def restore(self, stage: int, optimizer, scheduler, scaler) -> int:
+    def restore(self, stage: int, optimizer, scheduler, scaler) -> ResumePoint:
         """Load the optimizer/scheduler/scaler/RNG state of ``stage`` from the resume checkpoint.
 
         Returns:
-            The first epoch to run: 1 without a checkpoint of this stage, else the next epoch.
+            Where the stage starts: epoch 1 without a checkpoint of this stage; else the next
+            epoch, or the interrupted epoch with its finished steps.
         """
         if self.ckpt is None or self.ckpt["stage"] != stage:
-            return 1
+            return ResumePoint()
         optimizer.load_state_dict(self.ckpt["optimizer"])
         scheduler.load_state_dict(self.ckpt["scheduler"])
         scaler.load_state_dict(self.ckpt["scaler"])
         set_rng_state(self.ckpt["rng"])
-        return self.ckpt["epoch"] + 1
+        partial = self.ckpt.get("partial")
+        if partial:
+            return ResumePoint(
+                partial["epoch"],
+                partial["iteration"],
+                partial["meter"],
+                partial.get("recipe"),
+                self.ckpt["rng"],
+            )
+        return ResumePoint(self.ckpt["epoch"] + 1)
 
-    def evaluate(self, header: str) -> dict[str, float]:
-        """Evaluate on rank 0 only (no collective inside) and hand the summary to every rank."""
-        r = self.recipe
-        summary = (
-            evaluate_bundle(r.model, r.data, self.eval_settings, r.device)
-            if is_main_process()
-            else None
-        )
-        summary = broadcast_object(summary)
+    # ------------------------------------------------------------------------------ saving
+    def state(self, loop: LoopSettings, optimizer, scheduler, scaler, epoch: int) -> dict:
+        """The full training state after ``epoch`` of ``loop.stage``."""
+        return {
+            "model": self.recipe.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "stage": loop.stage,
+            "epoch": epoch,
+            "config": self.cfg.dump(),
+            "metrics": self.metrics,
+            "rng": get_rng_state(),
+        }
+
+    def save_state(self, state: dict) -> None:
+        """Write ``last.pth``; a model with non-finite weights is refused (the old file stays)."""
+        bad = [
+            k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()
+        ]
+        if bad:
+            raise RuntimeError(
+                f"refusing to save {LAST}: the weights hold NaN or Inf ({', '.join(bad[:5])}); "
+                "the previous checkpoint is kept"
+            )
+        save_checkpoint(state, os.path.join(self.output_dir, LAST))
+
+    def weights_path(self, stage: int, epoch: int) -> str:
+        """The weights-only file written at the end of a stage (official format)."""
+        suffix = "_stage1" if stage == 1 else ""
+        return os.path.join(self.output_dir, f"{self.model_name}{suffix}_{epoch}.pth")
+
+    # ------------------------------------------------------------------------------ evaluation
+    def evaluate(self, header: str) -> dict[str, float] | None:
+        """Evaluate on rank 0 (no collective inside); every rank gets the summary, or None.
+
+        An evaluation error (an unreadable image, a full disk ...) is logged with its cause and
+        recorded; training goes on, and the run reports it at the end.
+        """
+        summary, error = None, None
+        fault_point("eval")
+        if is_main_process():
+            try:
+                r = self.recipe
+                summary = evaluate_bundle(r.model, r.data, self.eval_settings, r.device)
+            except Exception as err:  # noqa: BLE001 - reported, the training state is safe
+                error = f"{type(err).__name__}: {err}"
+                logger.exception("%s: the evaluation failed; training goes on", header)
+        summary, error = broadcast_object((summary, error))
+        self.eval_error = error  # the latest evaluation's outcome
+        if error is not None:
+            return None
         log_results(summary, header)
         return summary
 
-    def end_epoch(self, loop: LoopSettings, optimizer, scheduler, scaler, epoch: int) -> None:
-        """Evaluate, checkpoint and write the stage's weights as the loop settings say."""
-        last = epoch == loop.epochs
-        if loop.eval_period and (last or epoch % loop.eval_period == 0):
-            summary = self.evaluate(f"Validation Results - Epoch: {epoch}")
-            self.metrics.update({"epoch": epoch, **summary})
-            append_metrics(self.output_dir, {"stage": loop.stage, "epoch": epoch, "eval": summary})
-        model = self.recipe.model
-        if last or epoch % loop.checkpoint_period == 0:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "stage": loop.stage,
-                "epoch": epoch,
-                "config": self.cfg.dump(),
-                "metrics": self.metrics,
-                "rng": get_rng_state(),
-            }
-            save_checkpoint(state, os.path.join(self.output_dir, LAST))
-        if last:
-            # Weights only, official format: read by test_clipreid.py and the official loader.
-            suffix = "_stage1" if loop.stage == 1 else ""
-            save_checkpoint(
-                model.state_dict(),
-                os.path.join(self.output_dir, f"{self.model_name}{suffix}_{epoch}.pth"),
+    def record_eval(self, stage: int, epoch: int, header: str) -> None:
+        """Evaluate and append the result (or the failure) to ``metrics.jsonl``."""
+        summary = self.evaluate(header)
+        if summary is None:
+            append_metrics(
+                self.output_dir, {"stage": stage, "epoch": epoch, "eval_error": self.eval_error}
             )
+            return
+        self.metrics.update({"epoch": epoch, **summary})
+        append_metrics(self.output_dir, {"stage": stage, "epoch": epoch, "eval": summary})
+
+    def evaluated(self, stage: int, epoch: int) -> bool:
+        """Whether ``metrics.jsonl`` records an evaluation of (stage, epoch)."""
+        path = os.path.join(self.output_dir, "metrics.jsonl")
+        if not os.path.isfile(path):
+            return False
+        with open(path, encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return any(
+            (r.get("stage"), r.get("epoch")) == (stage, epoch) and "eval" in r for r in records
+        )
+
+    def settle(self, loop: LoopSettings) -> None:
+        """Do what the end of the checkpoint's epoch still owes (a kill between saves)."""
+        if self.ckpt is None or self.ckpt["stage"] != loop.stage or self.ckpt.get("partial"):
+            return
+        epoch = self.ckpt["epoch"]
+        last = epoch == loop.epochs
+        path = self.weights_path(loop.stage, epoch)
+        if last and is_main_process() and not os.path.isfile(path):
+            logger.info("writing the stage-end weights the interrupted run still owed")
+            save_checkpoint(self.recipe.model.state_dict(), path)
+        if _eval_due(loop, epoch) and not self.evaluated(loop.stage, epoch):
+            self.record_eval(loop.stage, epoch, f"Validation Results - Epoch: {epoch}")
+        barrier()
+
+
+def _eval_due(loop: LoopSettings, epoch: int) -> bool:
+    return bool(loop.eval_period) and (epoch == loop.epochs or epoch % loop.eval_period == 0)
+
+
+class _Control(StageControl):
+    """One stage's link to its run: epoch-end saves and evaluation, interruption."""
+
+    def __init__(self, run: _Run, loop: LoopSettings, optimizer, scheduler, scaler, start):
+        super().__init__(guard=run.guard, start=start)
+        self.run, self.loop = run, loop
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+
+    def end_epoch(self, epoch: int) -> None:
+        """Checkpoint and write the stage's weights first, then evaluate."""
+        run, loop = self.run, self.loop
+        last = epoch == loop.epochs
+        if last or epoch % loop.checkpoint_period == 0:
+            if is_main_process():
+                run.save_state(run.state(loop, self.optimizer, self.scheduler, self.scaler, epoch))
+        if last and is_main_process():
+            # Weights only, official format: read by test_clipreid.py and the official loader.
+            save_checkpoint(run.recipe.model.state_dict(), run.weights_path(loop.stage, epoch))
         barrier()  # ranks other than 0 wait for rank 0's files
+        if _eval_due(loop, epoch):
+            run.record_eval(loop.stage, epoch, f"Validation Results - Epoch: {epoch}")
+
+    def interrupt(self, epoch: int, iteration: int, meter_state: dict) -> None:
+        """Save a resumable mid-epoch checkpoint and stop with :class:`TrainingInterrupted`."""
+        run, loop = self.run, self.loop
+        state = run.state(loop, self.optimizer, self.scheduler, self.scaler, epoch - 1)
+        state["partial"] = {
+            "epoch": epoch,
+            "iteration": iteration,
+            "meter": meter_state,
+            "recipe": run.recipe.state_dict(),
+        }
+        if is_main_process():
+            run.save_state(state)
+        barrier()
+        signum = run.guard.stop_signal
+        raise TrainingInterrupted(
+            f"stopped by signal {signum} after step {iteration} of stage {loop.stage} epoch "
+            f"{epoch}; the state is saved in {os.path.join(run.output_dir, LAST)}. Resume with "
+            "the same command plus --resume",
+            128 + signum,
+        )
 
 
 def run_stage(cfg, recipe: Recipe, run: _Run, stage: int, device: torch.device) -> None:
@@ -159,7 +388,8 @@ def run_stage(cfg, recipe: Recipe, run: _Run, stage: int, device: torch.device) 
     scheduler = build_scheduler(cfg, optimizer, stage=stage)
     scaler = make_grad_scaler(device, loop.amp_dtype)
     start = run.restore(stage, optimizer, scheduler, scaler)
-    on_epoch_end = partial(run.end_epoch, loop, optimizer, scheduler, scaler)
+    run.settle(loop)
+    control = _Control(run, loop, optimizer, scheduler, scaler, start)
     if stage == 1:
         train_stage1(
             recipe.model,
@@ -170,23 +400,17 @@ def run_stage(cfg, recipe: Recipe, run: _Run, stage: int, device: torch.device) 
             loop,
             recipe.prompt,
             device,
-            start_epoch=start,
-            on_epoch_end=on_epoch_end,
+            control=control,
         )
     else:
         train_stage2(
-            recipe,
-            recipe.data.train_stage2,
-            optimizer,
-            scheduler,
-            scaler,
-            loop,
-            start_epoch=start,
-            on_epoch_end=on_epoch_end,
+            recipe, recipe.data.train_stage2, optimizer, scheduler, scaler, loop, control=control
         )
 
 
-def train(cfg, device: torch.device) -> dict[str, float]:
+def train(
+    cfg, device: torch.device, *, accept_config_changes: bool = False, overwrite: bool = False
+) -> dict[str, float]:
     """Train the configured method end to end and evaluate the final model.
 
     Under ``torchrun`` every rank runs this: stage 1 identically on every rank (same seed, same
@@ -197,18 +421,40 @@ def train(cfg, device: torch.device) -> dict[str, float]:
     Args:
         cfg: the frozen run configuration.
         device: where to train (this rank's device).
+        accept_config_changes: resume although keys that change the run differ from the
+            checkpoint's config.
+        overwrite: start a fresh run in an OUTPUT_DIR that holds a resumable one.
 
     Returns:
         The final evaluation summary (mAP, mINP, rank1, rank5, rank10, num_valid_queries).
+
+    Raises:
+        RunDirError: OUTPUT_DIR holds a resumable run and neither resume nor overwrite is asked.
+        ResumeConfigError: the resumed config changes the run (see :func:`check_resume_config`).
+        NonFiniteLossError: the loss or gradients became non-finite (``SOLVER.NONFINITE``).
+        TrainingInterrupted: SIGINT/SIGTERM; a resumable checkpoint was saved.
+        EvaluationFailedError: training finished and was saved but the final evaluation failed.
     """
     seed_everything(cfg.SOLVER.SEED)
     data = build_dataloaders(cfg)
     model = build_model(cfg, data.num_classes, data.num_cameras, data.num_views).to(device)
     recipe = get_recipe(cfg.MODEL.METHOD)(cfg, model, data, device)
-    run = _Run(cfg, recipe)
-    for stage in recipe.stages:
-        if stage >= run.resumed_stage:
-            run_stage(cfg, recipe, run, stage, device)
-    if "mAP" not in run.metrics:
-        run.metrics.update(run.evaluate("Validation Results - final"))
+    guard = build_step_guard(cfg)
+    run = _Run(cfg, recipe, guard, accept_config_changes, overwrite)
+    with guard.catching_signals():
+        for stage in recipe.stages:
+            if stage >= run.resumed_stage:
+                run_stage(cfg, recipe, run, stage, device)
+    if "mAP" not in run.metrics and run.eval_error is None:
+        summary = run.evaluate("Validation Results - final")
+        if summary is not None:
+            run.metrics.update(summary)
+    if run.eval_error is not None:
+        raise EvaluationFailedError(
+            f"training finished and its weights are saved in {run.output_dir!r}, but the "
+            f"evaluation failed: {run.eval_error}. Fix the cause and evaluate the weights with "
+            "test_clipreid.py (TEST.WEIGHT)"
+        )
+    if guard.skipped:
+        logger.warning("%d non-finite step(s) were skipped in this run", guard.skipped)
     return {k: run.metrics[k] for k in SUMMARY_KEYS}

@@ -89,7 +89,7 @@ RESUME_CASES = [
 
 @pytest.mark.parametrize(("argv", "opts", "resume"), RESUME_CASES)
 def test_resume_works_anywhere(argv, opts, resume):
-    config, got = parse_command_line(argv, "test", resume_flag=True)
+    config, got, _ = parse_command_line(argv, "test", resume_flag=True)
     assert config == (DEMO if DEMO in argv else "")
     assert got == [*opts, *(["SOLVER.RESUME", resume] if resume else [])]
     cfg = load_cfg(os.path.join(ROOT, config) if config else None, got)
@@ -102,7 +102,7 @@ def test_resume_through_parse_and_setup(tmp_path):
     out = tmp_path / "run"
     argv = ["--config_file", os.path.join(ROOT, DEMO), "OUTPUT_DIR", str(out)]
     argv += ["MODEL.DEVICE", "cpu", "--resume"]
-    cfg, device = parse_and_setup(argv, "test", "log.txt", resume_flag=True)
+    cfg, device, _ = parse_and_setup(argv, "test", "log.txt", resume_flag=True)
     assert cfg.SOLVER.RESUME == "auto" and cfg.OUTPUT_DIR == str(out) and device.type == "cpu"
     saved = load_cfg(str(out / "config.yaml"))
     assert saved.SOLVER.RESUME == "auto" and (out / "log.txt").is_file()

@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from utils.faults import fault_point
+
 __all__ = [
     "CHECKPOINT_EXPECTED",
     "TRAINING_KEYS",
@@ -83,6 +85,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
             os.fsync(fd)  # the data is on disk before the rename makes it visible
         finally:
             os.close(fd)
+        fault_point("write")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

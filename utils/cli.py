@@ -59,6 +59,14 @@ USER_ERRORS = (
     "model.weights:WeightsUnavailableError",
     "utils.checkpoint:CheckpointFormatError",
     "utils.registry:UnknownNameError",
+    "processor.train:RunDirError",
+    "processor.train:ResumeConfigError",
+)
+# A run that stopped for a reason its message explains (exit status 1, no traceback): training
+# diverged, or finished but could not be evaluated.
+RUN_STOPS = (
+    "processor.common:NonFiniteLossError",
+    "processor.train:EvaluationFailedError",
 )
 _PART = re.compile(r"[A-Z0-9_]+")
 
@@ -210,19 +218,24 @@ def parse_command_line(
     description: str,
     resume_flag: bool = False,
     prog: str | None = None,
-) -> tuple[str, list[str]]:
-    """The config file and overrides of an entry script's command line (no side effects).
+    flags: Sequence[tuple[str, str]] = (),
+) -> tuple[str, list[str], dict[str, bool]]:
+    """The config file, overrides and switches of an entry script's command line (no side effects).
 
     Args:
         argv: arguments without the program name (None: ``sys.argv[1:]``).
         description: the program's help text.
         resume_flag: accept ``--resume [PATH]``.
         prog: the program name shown in the help.
+        flags: on/off switches of the program, as (``--name``, help) pairs.
 
     Returns:
-        (config file or '', overrides with ``SOLVER.RESUME`` appended for ``--resume``).
+        (config file or '', overrides with ``SOLVER.RESUME`` appended for ``--resume``,
+        switch name without dashes, dashes as underscores -> given).
     """
     parser = make_parser(description, prog)
+    for name, help_text in flags:
+        parser.add_argument(name, action="store_true", help=help_text)
     if resume_flag:
         parser.add_argument(
             "--resume",
@@ -235,7 +248,9 @@ def parse_command_line(
     args, opts = parse_args(parser, argv)
     if resume_flag and args.resume is not None:
         opts += ["SOLVER.RESUME", args.resume]
-    return args.config_file, opts
+    switches = {n.lstrip("-").replace("-", "_"): False for n, _ in flags}
+    switches = {k: bool(getattr(args, k)) for k in switches}
+    return args.config_file, opts, switches
 
 
 def parse_and_setup(
@@ -245,7 +260,9 @@ def parse_and_setup(
     resume_flag: bool = False,
     config_name: str = "config.yaml",
     prog: str | None = None,
-) -> tuple[CfgNode, torch.device]:
+    flags: Sequence[tuple[str, str]] = (),
+    check: Callable[[CfgNode, dict[str, bool]], None] | None = None,
+) -> tuple[CfgNode, torch.device, dict[str, bool]]:
     """Parse ``[--config-file FILE] [--resume [PATH]] [KEY VALUE ...]``; set up config, log, device.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) this also joins the process group
@@ -259,9 +276,12 @@ def parse_and_setup(
             OUTPUT_DIR/last.pth, without a path).
         config_name: name of the resolved config written to OUTPUT_DIR.
         prog: the program name shown in the help.
+        flags: on/off switches, as (``--name``, help) pairs.
+        check: called with the config and the switches before anything is written to
+            OUTPUT_DIR (e.g. refusing to overwrite a run); raises to stop.
 
     Returns:
-        (frozen config, ``torch.device``).
+        (frozen config, ``torch.device``, switches as :func:`parse_command_line` returns them).
 
     Raises:
         configs.config.ConfigError: the config file or an override is invalid.
@@ -269,13 +289,15 @@ def parse_and_setup(
     from utils.dist import get_rank, init_distributed
     from utils.logger import setup_logger
 
-    config_file, opts = parse_command_line(argv, description, resume_flag, prog)
+    config_file, opts, switches = parse_command_line(argv, description, resume_flag, prog, flags)
     # Load once without logging set up, then log to OUTPUT_DIR (warnings are re-emitted there).
     logging.disable(logging.WARNING)
     try:
         cfg = load_cfg(config_file or None, opts)
     finally:
         logging.disable(logging.NOTSET)
+    if check is not None:
+        check(cfg, switches)
     # Under torchrun (WORLD_SIZE > 1) join the process group first: the logger needs the rank.
     device = init_distributed(cfg.MODEL.DEVICE)
     setup_logger(cfg.OUTPUT_DIR, get_rank(), log_name)
@@ -285,7 +307,7 @@ def parse_and_setup(
     if get_rank() == 0:
         save_cfg(cfg, os.path.join(cfg.OUTPUT_DIR, config_name))
     logger.info("device: %s", device)
-    return cfg, device
+    return cfg, device, switches
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,9 +322,12 @@ def is_user_error(err: BaseException) -> bool:
     Returns:
         True for :class:`UsageError`, ``FileNotFoundError`` and the :data:`USER_ERRORS` types.
     """
-    if isinstance(err, (UsageError, FileNotFoundError)):
-        return True
-    for entry in USER_ERRORS:
+    return isinstance(err, (UsageError, FileNotFoundError)) or _is_one_of(err, USER_ERRORS)
+
+
+def _is_one_of(err: BaseException, entries: Sequence[str]) -> bool:
+    """Whether ``err`` is an instance of a 'module:Class' entry (modules not imported: no)."""
+    for entry in entries:
         module, name = entry.split(":")
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None and isinstance(err, cls):
@@ -313,7 +338,9 @@ def is_user_error(err: BaseException) -> bool:
 def run_main(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> NoReturn:
     """Run ``main(argv)`` as a program and exit.
 
-    Exit status: ``main``'s return value when it is an int, else 0; 2 after a user error (its
+    Exit status: ``main``'s return value when it is an int, else 0; 128 + the signal after a
+    training stopped by SIGINT/SIGTERM (its resume hint on stderr); 1 after a run stopped for a
+    reason its message explains (:data:`RUN_STOPS`); 2 after a user error (its
     message alone on stderr, the traceback too with ``--debug`` or ``CLIPREID_DEBUG=1``); 130
     on Ctrl-C. Other exceptions propagate with their traceback (exit status 1).
 
@@ -330,10 +357,15 @@ def run_main(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:
-        if not is_user_error(err):
+        code = getattr(err, "exit_code", None)  # TrainingInterrupted: the signal's status
+        if code is None and _is_one_of(err, RUN_STOPS):
+            code = 1
+        elif code is None and is_user_error(err):
+            code = EXIT_USER_ERROR
+        if code is None:
             raise
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        print(f"{'error: ' if code == EXIT_USER_ERROR else ''}{err}", file=sys.stderr)
+        sys.exit(code)
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)

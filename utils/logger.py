@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
+from utils.checkpoint import write_text
 from utils.dist import is_main_process
 
 T = TypeVar("T")
@@ -175,6 +175,30 @@ def append_metrics(output_dir: str, record: dict[str, Any]) -> None:
         f.write(json.dumps(record, default=float) + "\n")
 
 
+def rewind_metrics(output_dir: str, until: tuple[int, int] | None) -> None:
+    """Drop the ``metrics.jsonl`` records written after a checkpoint (a resumed run rewrites them).
+
+    Args:
+        output_dir: run folder.
+        until: keep records of (stage, epoch) up to this pair; None empties the file (a fresh
+            run). Records without a stage (none today) are kept.
+    """
+    path = os.path.join(output_dir, "metrics.jsonl")
+    if not output_dir or not os.path.isfile(path):
+        return
+    kept = []
+    if until is not None:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                at = (record.get("stage"), record.get("epoch"))
+                if at[0] is None or at <= tuple(until):
+                    kept.append(line if line.endswith("\n") else line + "\n")
+    write_text(path, "".join(kept))
+
+
 class PeriodMeter:
     """Running means of named values over a logging period, with throughput.
 
@@ -200,7 +224,7 @@ class PeriodMeter:
             images: images processed in this iteration (for img/s).
         """
         for name, value in values.items():
-            if value is None or (isinstance(value, float) and math.isnan(value)):
+            if value is None:
                 continue
             self.sums[name] = self.sums.get(name, 0.0) + float(value)
             self.counts[name] = self.counts.get(name, 0) + 1
@@ -213,6 +237,15 @@ class PeriodMeter:
     def means(self) -> dict[str, float]:
         """All means of the period."""
         return {name: self.mean(name) for name in self.sums}
+
+    def state_dict(self) -> dict:
+        """Sums, counts and images so far (plain values, for a mid-epoch checkpoint)."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts), "images": self.images}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; the rate covers the steps after the restart only."""
+        self.sums = dict(state["sums"])
+        self.counts = dict(state["counts"])
 
     def rate(self) -> float:
         """Images per second over the period."""

@@ -153,6 +153,18 @@ class Recipe:
     def end_step(self, out: Any, pids: torch.Tensor) -> None:
         """Work after each optimizer step (e.g. a memory update)."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """The recipe's mid-epoch state (tensors and plain values), saved on interruption."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> DataLoader | None:
+        """Restore :meth:`state_dict` in place of ``start_epoch`` when an epoch resumes.
+
+        Returns:
+            A loader that replaces the stage-2 loader, as ``start_epoch`` may return, or None.
+        """
+        return None
+
     @torch.no_grad()
     def accuracy(self, out: Any, pids: torch.Tensor) -> float | None:
         """Training accuracy of a batch for the log (None: not meaningful for this method)."""

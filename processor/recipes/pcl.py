@@ -61,6 +61,7 @@ class PCLCLIP(Recipe):
         self.output_dir = cfg.OUTPUT_DIR
         self.eval_settings = build_eval_settings(cfg)
         self.cluster = build_cluster_settings(cfg) if cfg.MODEL.PCL_UNSUPERVISED else None
+        self.labels: np.ndarray | None = None  # the epoch's pseudo labels (unsupervised)
 
     def build_criterion(self, cfg: CfgNode, num_classes: int) -> torch.nn.Module:
         return build_pcl_loss(cfg, num_classes)
@@ -85,6 +86,7 @@ class PCLCLIP(Recipe):
         )
         # Every rank clusters the same features; rank 0's labels make the split identical anyway.
         labels = broadcast_object(labels)
+        self.labels = labels
         keep = np.flatnonzero(labels >= 0)
         loader = self.data.set_train_labels(keep, labels[keep])
         append_metrics(
@@ -99,6 +101,21 @@ class PCLCLIP(Recipe):
             },
         )
         return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        # Mid-epoch the memory has moved since the epoch's rebuild; USL also needs its labels.
+        state = {"centroids": self.criterion.centroids.detach().cpu().clone()}
+        if self.labels is not None:
+            state["labels"] = torch.from_numpy(self.labels)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> DataLoader | None:
+        self.criterion.centroids = state["centroids"].to(self.device)
+        if "labels" not in state:
+            return None
+        self.labels = state["labels"].numpy()
+        keep = np.flatnonzero(self.labels >= 0)
+        return self.data.set_train_labels(keep, self.labels[keep])
 
     def end_step(self, out: Any, pids: torch.Tensor) -> None:
         # The memory moves with the whole global batch, so every rank's bank stays the same.
