@@ -342,6 +342,9 @@ class ReIDModel(nn.Module):
     def encode_text(self, pids: Tensor) -> Tensor:
         """Text features of identities from their learnable prompts.
 
+        The text transformer runs over the prompt's positions up to its end-of-text token only
+        (12 of 77 for 'A photo of a X X X X person.'), which gives the full-context features.
+
         Args:
             pids: identity labels, int64 [n].
 
@@ -356,8 +359,9 @@ class ReIDModel(nn.Module):
                 "This model has no prompt learner or text encoder (MODEL.METHOD 'baseline'); "
                 "build it with MODEL.METHOD 'clipreid' to encode text"
             )
-        prompts = self.prompt_learner(pids)
-        return self.text_encoder(prompts, self.prompt_learner.eot_index)
+        # Only the positions up to EOT: the causal mask makes the rest irrelevant to its feature.
+        prompts = self.prompt_learner(pids, length=self.prompt_learner.prompt_length)
+        return self.text_encoder(prompts, self.prompt_learner.prompt_length - 1)
 
     def forward(
         self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
