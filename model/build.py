@@ -35,8 +35,15 @@ def build_model(
     Reads MODEL.NAME, MODEL.METHOD, MODEL.STRIDE_SIZE, MODEL.SIE_CAMERA, MODEL.SIE_VIEW,
     MODEL.SIE_COE, MODEL.SIE_MODE, MODEL.PRETRAIN_PATH, MODEL.PRETRAIN_TAG,
     MODEL.PROMPT_TEMPLATE, MODEL.PROMPT_CLASS, MODEL.PROMPT_N_CTX, MODEL.FREEZE_PATCH_EMBED,
-    INPUT.SIZE_TRAIN, INPUT.SIZE_TEST and TEST.NECK_FEAT. ``MODEL.METHOD 'pcl'`` builds the
-    PCL-CLIP head (``head='pcl'``: one classifier on the 1280-d post-BN feature of ViT-B-16).
+    MODEL.GRAD_CHECKPOINTING, MODEL.CHANNELS_LAST, INPUT.SIZE_TRAIN, INPUT.SIZE_TEST and
+    TEST.NECK_FEAT. ``MODEL.METHOD 'pcl'`` builds the PCL-CLIP head (``head='pcl'``: one
+    classifier on the 1280-d post-BN feature of ViT-B-16).
+
+    The speed keys change no value and no parameter name: activation checkpointing of the image
+    encoder and channels-last image-encoder weights (feed images in
+    ``model.input_memory_format``). MODEL.COMPILE is not applied here: the training entry calls
+    ``model.compile_image_encoder()``, so tools that trace the model (ONNX export) get the eager
+    model from the same config.
 
     Args:
         cfg: the (validated) config.
@@ -103,10 +110,17 @@ def build_model(
         head=_HEAD_OF_METHOD.get(m.METHOD, "clipreid"),
         freeze_patch_embed=bool(m.FREEZE_PATCH_EMBED),
     )
+    speed = []
+    if bool(m.CHANNELS_LAST):
+        model.use_channels_last()
+        speed.append("channels-last")
+    if bool(m.GRAD_CHECKPOINTING):
+        model.image_encoder.set_grad_checkpointing(True)
+        speed.append("activation checkpointing")
     enc = model.image_encoder
     logger.info(
         "Built %s (%s, %s head): %dx%d grid (%d tokens) for %dx%d input, eval feature %d-d, "
-        "%d identities%s%s",
+        "%d identities%s%s%s",
         arch.name,
         m.METHOD,
         model.head,
@@ -121,5 +135,6 @@ def build_model(
         if model.cv_embed is not None
         else "",
         ", patch embedding frozen" if model.freeze_patch_embed else "",
+        f"; image encoder: {', '.join(speed)}" if speed else "",
     )
     return model
