@@ -110,17 +110,11 @@ def build_model(
         head=_HEAD_OF_METHOD.get(m.METHOD, "clipreid"),
         freeze_patch_embed=bool(m.FREEZE_PATCH_EMBED),
     )
-    speed = []
-    if bool(m.CHANNELS_LAST):
-        model.use_channels_last()
-        speed.append("channels-last")
-    if bool(m.GRAD_CHECKPOINTING):
-        model.image_encoder.set_grad_checkpointing(True)
-        speed.append("activation checkpointing")
+    _apply_speed_options(model, bool(m.CHANNELS_LAST), bool(m.GRAD_CHECKPOINTING))
     enc = model.image_encoder
     logger.info(
         "Built %s (%s, %s head): %dx%d grid (%d tokens) for %dx%d input, eval feature %d-d, "
-        "%d identities%s%s%s",
+        "%d identities%s%s",
         arch.name,
         m.METHOD,
         model.head,
@@ -135,6 +129,15 @@ def build_model(
         if model.cv_embed is not None
         else "",
         ", patch embedding frozen" if model.freeze_patch_embed else "",
-        f"; image encoder: {', '.join(speed)}" if speed else "",
     )
     return model
+
+
+def _apply_speed_options(model: ReIDModel, channels_last: bool, grad_checkpointing: bool) -> None:
+    """MODEL.CHANNELS_LAST and MODEL.GRAD_CHECKPOINTING (no value or parameter name changes)."""
+    if channels_last:
+        model.use_channels_last()
+        logger.info("Image encoder weights channels-last: feed images in model.input_memory_format")
+    if grad_checkpointing:
+        model.image_encoder.set_grad_checkpointing(True)
+        logger.info("Image encoder activation checkpointing on")
