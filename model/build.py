@@ -67,10 +67,16 @@ def build_model(
     Reads MODEL.NAME, MODEL.METHOD, MODEL.STRIDE_SIZE, MODEL.SIE_CAMERA, MODEL.SIE_VIEW,
     MODEL.SIE_COE, MODEL.SIE_MODE, MODEL.PRETRAIN_PATH, MODEL.PRETRAIN_TAG,
     MODEL.PROMPT_TEMPLATE, MODEL.PROMPT_CLASS, MODEL.PROMPT_N_CTX, MODEL.FREEZE_PATCH_EMBED,
-    INPUT.SIZE_TRAIN, INPUT.SIZE_TEST and TEST.NECK_FEAT. ``MODEL.METHOD 'pcl'`` builds the
-    PCL-CLIP head (``head='pcl'``: one classifier on the 1280-d post-BN feature of ViT-B-16).
-    The method's recipe (:mod:`processor.recipes`) says whether the model has the text side and
-    which head it has.
+    MODEL.GRAD_CHECKPOINTING, MODEL.CHANNELS_LAST, INPUT.SIZE_TRAIN, INPUT.SIZE_TEST and
+    TEST.NECK_FEAT. ``MODEL.METHOD 'pcl'`` builds the PCL-CLIP head (``head='pcl'``: one
+    classifier on the 1280-d post-BN feature of ViT-B-16). The method's recipe
+    (:mod:`processor.recipes`) says whether the model has the text side and which head it has.
+
+    The speed keys change no value and no parameter name: activation checkpointing of the image
+    encoder and channels-last image-encoder weights (feed images in
+    ``model.input_memory_format``). MODEL.COMPILE is not applied here: the training entry calls
+    ``model.compile_image_encoder()``, so tools that trace the model (ONNX export) get the eager
+    model from the same config.
 
     Args:
         cfg: the (validated) config.
@@ -124,8 +130,19 @@ def build_model(
         head=recipe.head,
         freeze_patch_embed=bool(m.FREEZE_PATCH_EMBED),
     )
+    _apply_speed_options(model, bool(m.CHANNELS_LAST), bool(m.GRAD_CHECKPOINTING))
     _log_built(model, m.METHOD, size_train)
     return model
+
+
+def _apply_speed_options(model: ReIDModel, channels_last: bool, grad_checkpointing: bool) -> None:
+    """MODEL.CHANNELS_LAST and MODEL.GRAD_CHECKPOINTING (no value or parameter name changes)."""
+    if channels_last:
+        model.use_channels_last()
+        logger.info("Image encoder weights channels-last: feed images in model.input_memory_format")
+    if grad_checkpointing:
+        model.image_encoder.set_grad_checkpointing(True)
+        logger.info("Image encoder activation checkpointing on")
 
 
 def _log_built(model: ReIDModel, method: str, size: tuple[int, int]) -> None:

@@ -5,6 +5,12 @@ A template such as ``"A photo of a X X X X person."`` is tokenized with the CLIP
 ``cls_ctx[pid]`` ([C, M, D], init N(0, 0.02^2)); everything before them (``token_prefix``) and
 after them (``token_suffix``, which holds the class word, '.', EOT and padding) is embedded once
 with CLIP's token embedding and kept as buffers.
+
+Every prompt of a learner shares the template, so the end-of-text (EOT) token sits at the same
+position ``p_eot`` for every identity, and the text transformer's causal mask keeps the positions
+after it from changing the EOT feature. ``forward(pids, length=prompt_length)`` therefore returns
+only the ``p_eot + 1`` positions the EOT feature depends on (12 of 77 for the default prompt);
+the buffers keep their full-context shapes, so checkpoints keep the official layout.
 """
 
 from __future__ import annotations
@@ -65,6 +71,10 @@ class PromptLearner(nn.Module):
     Buffers:
         token_prefix [1, p, D], token_suffix [1, L - p - M, D] and tokenized_prompts [1, L]
         (int64 token ids; its argmax is the EOT position used to pool the text features).
+
+    Attributes:
+        prompt_length: positions up to and including EOT (``p_eot + 1``), the shortest context
+            that gives the full-context text features; recomputed when a state dict is loaded.
     """
 
     def __init__(
@@ -101,6 +111,14 @@ class PromptLearner(nn.Module):
             num_classes, n_ctx, weight.shape[1], dtype=weight.dtype, device=weight.device
         )
         self.cls_ctx = nn.Parameter(nn.init.normal_(ctx, std=init_std))
+        self.prompt_length = int(ids[0].argmax()) + 1  # from the CPU ids (the buffer may be meta)
+        # A loaded state dict may bring other token ids; the length follows them.
+        self.register_load_state_dict_post_hook(_refresh_prompt_length)
+
+    @property
+    def context_length(self) -> int:
+        """Text length L of the full context (77)."""
+        return self.tokenized_prompts.shape[1]
 
     @property
     def num_classes(self) -> int:
@@ -112,17 +130,35 @@ class PromptLearner(nn.Module):
         """Position of the end-of-text token, LongTensor [1] (EOT has the largest id)."""
         return self.tokenized_prompts.argmax(dim=-1)
 
-    def forward(self, pids: Tensor) -> Tensor:
+    def forward(self, pids: Tensor, length: int | None = None) -> Tensor:
         """Build prompt embeddings for identities.
 
         Args:
             pids: identity labels, int64 [B], each in [0, C).
+            length: number of leading positions to return, from ``prompt_length`` (up to EOT:
+                what the text encoder needs) to ``context_length``; ``None`` gives all L.
 
         Returns:
-            Prompt embeddings [B, L, D] = cat(prefix, cls_ctx[pids], suffix).
+            Prompt embeddings [B, length, D] = cat(prefix, cls_ctx[pids], suffix)[:, :length].
+
+        Raises:
+            ValueError: ``length`` would cut off the EOT token or exceeds the context.
         """
+        length = self.context_length if length is None else int(length)
+        if not self.prompt_length <= length <= self.context_length:
+            raise ValueError(
+                f"length must be in [{self.prompt_length}, {self.context_length}] (the prompt "
+                f"{self.template!r} ends at position {self.prompt_length - 1}), got {length}"
+            )
         ctx = self.cls_ctx[pids.to(self.cls_ctx.device)]
         b = ctx.shape[0]
+        num_suffix = length - self.token_prefix.shape[1] - self.n_ctx
         prefix = self.token_prefix.expand(b, -1, -1).to(ctx.dtype)
-        suffix = self.token_suffix.expand(b, -1, -1).to(ctx.dtype)
+        suffix = self.token_suffix[:, :num_suffix].expand(b, -1, -1).to(ctx.dtype)
         return torch.cat([prefix, ctx, suffix], dim=1)
+
+
+def _refresh_prompt_length(module: PromptLearner, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: the EOT position of the loaded token ids."""
+    if not module.tokenized_prompts.is_meta:
+        module.prompt_length = int(module.tokenized_prompts[0].argmax()) + 1

@@ -320,6 +320,9 @@ class ReIDModel(nn.Module):
     def encode_text(self, pids: Tensor) -> Tensor:
         """Text features of identities from their learnable prompts.
 
+        The text transformer runs over the prompt's positions up to its end-of-text token only
+        (12 of 77 for 'A photo of a X X X X person.'), which gives the full-context features.
+
         Args:
             pids: identity labels, int64 [n].
 
@@ -334,8 +337,45 @@ class ReIDModel(nn.Module):
                 "This model has no prompt learner or text encoder (MODEL.METHOD 'baseline'); "
                 "build it with MODEL.METHOD 'clipreid' to encode text"
             )
-        prompts = self.prompt_learner(pids)
-        return self.text_encoder(prompts, self.prompt_learner.eot_index)
+        # Only the positions up to EOT: the causal mask makes the rest irrelevant to its feature.
+        prompts = self.prompt_learner(pids, length=self.prompt_learner.prompt_length)
+        return self.text_encoder(prompts, self.prompt_learner.prompt_length - 1)
+
+    # ------------------------------------------------------------------------------------------
+    # Speed options of the image encoder (MODEL.CHANNELS_LAST, MODEL.COMPILE); none of them
+    # changes a parameter name, so checkpoints keep the official layout.
+    _input_memory_format: torch.memory_format = torch.contiguous_format
+
+    @property
+    def input_memory_format(self) -> torch.memory_format:
+        """Memory format the image batch should be given in (``images.to(memory_format=...)``).
+
+        ``torch.channels_last`` after :meth:`use_channels_last`, else ``torch.contiguous_format``.
+        """
+        return self._input_memory_format
+
+    def use_channels_last(self) -> None:
+        """Store the image encoder's 4-d weights channels-last (NHWC).
+
+        cuDNN runs NHWC convolutions on tensor cores without layout transposes, which helps the
+        convolution-heavy RN50 under fp16/bf16; the values are unchanged. Feed the images in
+        :attr:`input_memory_format` to avoid a conversion at the first convolution.
+        """
+        self.image_encoder.to(memory_format=torch.channels_last)
+        self._input_memory_format = torch.channels_last
+
+    def compile_image_encoder(self, **compile_kwargs: object) -> None:
+        """``torch.compile`` the image encoder's forward, in place.
+
+        ``nn.Module.compile`` keeps the module (and so every state-dict key: no ``_orig_mod.``
+        prefix); the compilation happens lazily, at the first forward on its device. The
+        training entry calls this for ``MODEL.COMPILE``; a compiled model cannot be traced
+        (``torch.jit.trace``, the ONNX exporter), so ``build_model`` leaves the model eager.
+
+        Args:
+            **compile_kwargs: passed to ``torch.compile`` (e.g. ``backend``, ``mode``).
+        """
+        self.image_encoder.compile(**compile_kwargs)
 
     def forward(
         self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None

@@ -265,6 +265,20 @@ def autocast(device: torch.device, amp_dtype: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp_dtype])
 
 
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """Allow TF32 matmuls and convolutions for fp32 work on CUDA (``MODEL.TF32``).
+
+    Args:
+        device: where training runs (no effect off CUDA).
+        enabled: the key's value.
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    logger.info("TF32 %s for fp32 matmuls and convolutions", "on" if enabled else "off")
+
+
 def make_grad_scaler(device: torch.device, amp_dtype: str) -> torch.amp.GradScaler:
     """A gradient scaler, enabled only for fp16 autocast on CUDA (bf16 and fp32 need none).
 
@@ -277,6 +291,24 @@ def make_grad_scaler(device: torch.device, amp_dtype: str) -> torch.amp.GradScal
     """
     enabled = device.type == "cuda" and amp_dtype == "fp16"
     return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+def batch_images(
+    batch: dict[str, Any], model: torch.nn.Module, device: torch.device
+) -> torch.Tensor:
+    """A loader batch's images on ``device`` in the memory format the model wants.
+
+    Args:
+        batch: a loader batch (dict with 'images' float [B, 3, H, W]).
+        model: the model the images go to (``input_memory_format``: channels-last for
+            ``MODEL.CHANNELS_LAST``; contiguous when the model has none).
+        device: target device.
+
+    Returns:
+        The images [B, 3, H, W].
+    """
+    fmt = getattr(model, "input_memory_format", torch.contiguous_format)
+    return batch["images"].to(device, non_blocking=True, memory_format=fmt)
 
 
 def batch_ids(

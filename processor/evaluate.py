@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from processor.common import autocast, batch_ids
+from processor.common import autocast, batch_ids, batch_images
 from utils.logger import progress
 from utils.metrics import EvalResult, evaluate_features
 from utils.reranking import RerankParams
@@ -134,7 +134,7 @@ def extract_features(
     for batch in progress(
         loader, total=len(loader), desc="features", unit="batches", log_lines=True
     ):
-        images = batch["images"].to(device, non_blocking=True)
+        images = batch_images(batch, model, device)
         _, cams, views = batch_ids(batch, device)
         with autocast(device, settings.amp_dtype):
             out = model.encode_image(images, camids=cams, viewids=views)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from loss.build import stage1_loss
-from processor.common import LoopSettings, StageControl, autocast, format_terms
+from processor.common import LoopSettings, StageControl, autocast, batch_images, format_terms
 from utils.faults import fault_point
 from utils.logger import PeriodMeter, append_metrics, progress
 from utils.seed import epoch_seed, set_rng_state
@@ -67,7 +67,7 @@ def cache_image_features(
     feats, pids = [], []
     for batch in progress(loader, total=len(loader), desc="stage1 features"):
         with autocast(device, amp_dtype):
-            out = model.encode_image_proj(batch["images"].to(device, non_blocking=True))
+            out = model.encode_image_proj(batch_images(batch, model, device))
         feats.append(out.float())
         pids.append(batch["pids"].to(device))
     return torch.cat(feats), torch.cat(pids)

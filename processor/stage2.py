@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from processor.common import LoopSettings, StageControl, autocast, batch_ids, format_terms
+from processor.common import (
+    LoopSettings,
+    StageControl,
+    autocast,
+    batch_ids,
+    batch_images,
+    format_terms,
+)
 from processor.recipes.base import Recipe
 from utils.dist import broadcast_buffers, get_world_size
 from utils.faults import fault_point
@@ -118,7 +125,7 @@ def _train_step(
 ) -> dict[str, float] | None:
     """One optimizer step on a batch; returns the logged values, or None for a skipped step."""
     device = recipe.device
-    images = batch["images"].to(device, non_blocking=True)
+    images = batch_images(batch, recipe.model, device)
     pids, cams, views = batch_ids(batch, device)
     optimizer.zero_grad(set_to_none=True)
     with autocast(device, loop.amp_dtype):

@@ -33,6 +33,7 @@ from processor.common import (
     build_loop_settings,
     build_step_guard,
     make_grad_scaler,
+    set_tf32,
 )
 from processor.evaluate import build_eval_settings, evaluate_bundle, log_results
 from processor.recipes import Recipe, get_recipe
@@ -438,6 +439,9 @@ def train(
     seed_everything(cfg.SOLVER.SEED)
     data = build_dataloaders(cfg)
     model = build_model(cfg, data.num_classes, data.num_cameras, data.num_views).to(device)
+    if cfg.MODEL.COMPILE:
+        model.compile_image_encoder()
+    set_tf32(device, cfg.MODEL.TF32)
     recipe = get_recipe(cfg.MODEL.METHOD)(cfg, model, data, device)
     guard = build_step_guard(cfg)
     run = _Run(cfg, recipe, guard, accept_config_changes, overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -11,9 +12,14 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OPTIMIZERS", "build_optimizer", "stage2_param_groups"]
+__all__ = ["OPTIMIZERS", "build_optimizer", "implementation_kwargs", "stage2_param_groups"]
 
-OPTIMIZERS = ("Adam", "AdamW", "SGD")
+_CLASSES: dict[str, type[torch.optim.Optimizer]] = {
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+    "SGD": torch.optim.SGD,
+}
+OPTIMIZERS = tuple(_CLASSES)
 _GROUP_ORDER = ("default", "bias", "classifier", "classifier_bias")
 
 
@@ -63,21 +69,55 @@ def stage2_param_groups(
     return sorted(groups.values(), key=lambda g: order[g["group_name"]])
 
 
+def implementation_kwargs(
+    optimizer_cls: type[torch.optim.Optimizer], device_types: Iterable[str]
+) -> dict[str, bool]:
+    """Which torch.optim implementation to ask for, given where the parameters live.
+
+    Rule: every parameter on CUDA and this torch's optimizer takes ``fused`` -> ``fused=True``
+    (one kernel per step for all tensors; it also unscales inside the kernel under a
+    GradScaler); every parameter on CUDA without ``fused`` support -> ``foreach=True``
+    (multi-tensor kernels); anything else (CPU, mixed devices) -> torch's default. The update
+    is the same arithmetic in every implementation, up to floating-point rounding.
+
+    Args:
+        optimizer_cls: e.g. ``torch.optim.Adam``.
+        device_types: device types of the parameters (``{p.device.type for p in params}``).
+
+    Returns:
+        ``{'fused': True}``, ``{'foreach': True}`` or ``{}``: keyword arguments of the class.
+    """
+    types = set(device_types)
+    if types != {"cuda"}:
+        return {}
+    accepted = inspect.signature(optimizer_cls.__init__).parameters
+    if "fused" in accepted:
+        return {"fused": True}
+    return {"foreach": True} if "foreach" in accepted else {}
+
+
 def _make_optimizer(
-    name: str, groups: list[dict[str, Any]], lr: float, weight_decay: float, momentum: float
+    name: str,
+    groups: list[dict[str, Any]],
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    impl: dict[str, bool] | None = None,
 ) -> torch.optim.Optimizer:
-    if name == "Adam":
-        # Coupled L2 (decay added to the gradient), as the official code uses torch Adam.
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-    if name == "AdamW":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name not in _CLASSES:
+        raise ValueError(f"unknown OPTIMIZER_NAME {name!r}; valid names: {list(OPTIMIZERS)}")
+    impl = impl or {}
     if name == "SGD":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"unknown OPTIMIZER_NAME {name!r}; valid names: {list(OPTIMIZERS)}")
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
+    # torch Adam couples L2 (decay added to the gradient), as the official code; AdamW decouples.
+    return _CLASSES[name](groups, lr=lr, weight_decay=weight_decay, **impl)
 
 
 def build_optimizer(
-    cfg: Any, named_params: list[tuple[str, nn.Parameter]], stage: int
+    cfg: Any,
+    named_params: list[tuple[str, nn.Parameter]],
+    stage: int,
+    implementation: dict[str, bool] | None = None,
 ) -> torch.optim.Optimizer:
     """Build the optimizer of one training stage.
 
@@ -86,13 +126,17 @@ def build_optimizer(
     the prompt context). Stage 2 reads ``SOLVER.STAGE2.{OPTIMIZER_NAME, BASE_LR, WEIGHT_DECAY,
     BIAS_LR_FACTOR, WEIGHT_DECAY_BIAS, LARGE_FC_LR, MOMENTUM}`` with the rules of
     :func:`stage2_param_groups`. Every group keeps the parameter names (``param_names``) for
-    logging and checkpoint inspection.
+    logging and checkpoint inspection. The implementation (fused, multi-tensor or default)
+    follows :func:`implementation_kwargs` for the parameters' devices, so build the optimizer
+    after moving the model to its device.
 
     Args:
         cfg: yacs config.
         named_params: ``(name, parameter)`` pairs of the trainable parameters; the caller
             filters on ``requires_grad`` (e.g. after ``model.set_trainable(stage)``).
         stage: 1 or 2.
+        implementation: ``{'fused': True}``, ``{'foreach': True}`` or ``{}`` instead of the
+            rule's choice (to compare implementations).
 
     Returns:
         A ``torch.optim.Adam``, ``AdamW`` or ``SGD`` instance.
@@ -137,12 +181,16 @@ def build_optimizer(
             weight_decay_bias=float(scfg.WEIGHT_DECAY_BIAS),
             large_fc_lr=scfg.LARGE_FC_LR,
         )
-    optimizer = _make_optimizer(name, groups, base_lr, weight_decay, float(scfg.MOMENTUM))
+    impl = implementation
+    if impl is None:
+        impl = implementation_kwargs(_CLASSES[name], {p.device.type for _, p in named_params})
+    optimizer = _make_optimizer(name, groups, base_lr, weight_decay, float(scfg.MOMENTUM), impl)
     for group in optimizer.param_groups:
         logger.info(
-            "stage %d %s group %r: %d tensor(s), lr %.3g, weight decay %.3g",
+            "stage %d %s%s group %r: %d tensor(s), lr %.3g, weight decay %.3g",
             stage,
             name,
+            f" ({next(iter(impl))})" if impl else "",
             group["group_name"],
             len(group["params"]),
             group["lr"],

@@ -17,6 +17,7 @@ from torch import nn
 from yacs.config import CfgNode as CN
 
 from solver import WarmupCosineLR, WarmupMultiStepLR, build_optimizer, build_scheduler
+from solver.optimizer import implementation_kwargs
 
 # ---------------------------------------------------------------------------------------------
 # configs (values of the shipped YAML files)
@@ -352,3 +353,68 @@ def test_step_without_epoch_advances_by_one() -> None:
         sched.step()
         assert sched.last_epoch == 2
         assert sched.get_last_lr() == sched.lr_at(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer implementation (fused / foreach / default)
+# ---------------------------------------------------------------------------------------------
+
+
+class _NoFused(torch.optim.Optimizer):
+    """An optimizer signature without ``fused`` (as Adam before torch 2.0)."""
+
+    def __init__(self, params, lr: float = 1e-3, foreach: bool | None = None) -> None:
+        super().__init__(params, {"lr": lr, "foreach": foreach})
+
+
+class _Plain(torch.optim.Optimizer):
+    """An optimizer with neither ``fused`` nor ``foreach``."""
+
+    def __init__(self, params, lr: float = 1e-3) -> None:
+        super().__init__(params, {"lr": lr})
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_implementation_rule_follows_devices_and_signature(cls) -> None:
+    assert implementation_kwargs(cls, ["cuda", "cuda"]) == {"fused": True}
+    assert implementation_kwargs(cls, {"cpu"}) == {}
+    assert implementation_kwargs(cls, {"cuda", "cpu"}) == {}  # mixed devices: torch decides
+    assert implementation_kwargs(cls, set()) == {}
+    assert implementation_kwargs(_NoFused, {"cuda"}) == {"foreach": True}
+    assert implementation_kwargs(_Plain, {"cuda"}) == {}
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+def test_cpu_params_get_the_default_implementation(name: str) -> None:
+    cfg = _cfg()
+    cfg.SOLVER.STAGE2.OPTIMIZER_NAME = name
+    opt = build_optimizer(cfg, [("w", nn.Parameter(torch.zeros(2)))], stage=2)
+    assert not opt.param_groups[0]["fused"] and not opt.param_groups[0]["foreach"]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+def test_fused_step_equals_default_step(name: str) -> None:
+    """What CUDA parameters get (``fused=True``) computes the default update: checked on the CPU,
+    where torch >= 2.4 has the fused kernels, over several steps with the stage-2 groups."""
+    cfg = _cfg()
+    cfg.SOLVER.STAGE2.OPTIMIZER_NAME = name
+    cfg.SOLVER.STAGE2.LARGE_FC_LR = True  # three groups: default, bias, classifier
+    gen = torch.Generator().manual_seed(0)
+    init = {n: torch.randn(4, 3, generator=gen) for n in ("a.weight", "a.bias", "classifier.w")}
+    grads = [{n: torch.randn(4, 3, generator=gen) for n in init} for _ in range(3)]
+    fused = implementation_kwargs(getattr(torch.optim, name), {"cuda"})
+    assert fused == {"fused": True}
+    results = []
+    for impl in (None, fused):
+        params = {n: nn.Parameter(v.clone()) for n, v in init.items()}
+        opt = build_optimizer(cfg, list(params.items()), stage=2, implementation=impl)
+        assert len(opt.param_groups) == 3
+        assert all(bool(g["fused"]) == (impl is not None) for g in opt.param_groups)
+        for step in grads:
+            for n, p in params.items():
+                p.grad = step[n].clone()
+            opt.step()
+        results.append({n: p.detach() for n, p in params.items()})
+    for n in init:
+        assert not torch.equal(results[0][n], init[n])
+        torch.testing.assert_close(results[1][n], results[0][n], atol=1e-6, rtol=1e-5)

@@ -3,9 +3,9 @@
 With ``CLIPREID_FAULT=NAME:N`` in the environment, the N-th time the code passes
 ``fault_point(NAME)`` the process sends itself SIGKILL (no handler, no cleanup: exactly what a
 pre-empted or out-of-memory job suffers); ``NAME:N:TERM`` (or ``INT``) sends that signal instead,
-as a scheduler's pre-emption notice or a Ctrl-C would. Points: ``write`` (a file's content is written to its
-temporary name, not yet moved into place), ``step`` (an optimizer step is done), ``eval`` (an
-evaluation starts). Unset, a point costs one dictionary lookup.
+as a scheduler's pre-emption notice or a Ctrl-C would. Points: ``write`` (a file's content is
+written to its temporary name, not yet moved into place), ``step`` (an optimizer step is done),
+``eval`` (an evaluation starts). Unset, a point costs one dictionary lookup.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@ open_clip's text tower only accepts token ids; CoOp-style prompts need to feed e
 some positions are learnable vectors. ``TextEncoder`` reuses the tower's modules (positional
 embedding, causal transformer, ln_final, text projection) under their OpenAI names and pools the
 EOT position, exactly as CLIP does for token ids.
+
+The input may be shorter than the context length L: the first ``n`` positional embeddings and the
+top-left ``n x n`` block of the causal mask are used. Because the mask is causal, the features at
+positions ``< n`` equal those of the full-length input whatever the dropped positions hold, so a
+prompt cut right after its EOT token gives CLIP's text feature at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -89,15 +94,24 @@ class TextEncoder(nn.Module):
         """Encode prompt embeddings.
 
         Args:
-            prompts: [B, L, D] token embeddings (prefix, learnable tokens, suffix).
-            eot_index: position of the end-of-text token: an int, or a LongTensor [B] or [1]
-                (e.g. ``token_ids.argmax(-1)``; EOT has the largest id).
+            prompts: [B, n, D] token embeddings (prefix, learnable tokens, suffix), ``n <= L``;
+                ``n`` may stop right after the EOT token (see the module docstring).
+            eot_index: position of the end-of-text token (``< n``): an int, or a LongTensor [B]
+                or [1] (e.g. ``token_ids.argmax(-1)``; EOT has the largest id).
 
         Returns:
             Text features [B, E] (unnormalised, like CLIP's ``encode_text``).
+
+        Raises:
+            ValueError: more than L positions.
         """
-        x = prompts + self.positional_embedding.to(prompts.dtype)
-        mask = self.attn_mask.to(x.dtype)
+        n = prompts.shape[1]
+        if n > self.context_length:
+            raise ValueError(
+                f"prompts have {n} positions but the text encoder has {self.context_length}"
+            )
+        x = prompts + self.positional_embedding[:n].to(prompts.dtype)
+        mask = self.attn_mask[:n, :n].to(x.dtype)
         if self._seq_first:
             x = self.transformer(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
         else:

@@ -20,8 +20,10 @@ otherwise raise an error naming the config keys to change.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -164,6 +166,37 @@ def _grid_error(
         f"size that gives the same grid), or rebuild the model with {rebuild_keys} matching "
         f"the images."
     )
+
+
+@contextlib.contextmanager
+def _running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm layers leave their running statistics unchanged (a recomputation).
+
+    Momentum 0 makes the running update ``running * 1 + batch * 0`` (exactly the old value) while
+    the layer computes and saves the same tensors as in the first forward, which checkpointing
+    requires; the batch counter is put back afterwards.
+    """
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved, strict=True):
+            norm.momentum = momentum
+            norm.num_batches_tracked.copy_(count)
+
+
+def _recompute_context(
+    module: nn.Module,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``checkpoint`` contexts: a plain forward, then a recomputation that leaves BN stats alone."""
+    return contextlib.nullcontext(), _running_stats_frozen(module)
 
 
 class ViTReIDEncoder(nn.Module):
@@ -364,6 +397,7 @@ class ResNetReIDEncoder(nn.Module):
             src, _square_grid(src.shape[0], "visual.attnpool.positional_embedding"), self.grid
         )
         self.attnpool.positional_embedding = nn.Parameter(pos.clone())
+        self.grad_checkpointing = False
 
     @property
     def width(self) -> int:
@@ -381,7 +415,24 @@ class ResNetReIDEncoder(nn.Module):
         return 1 + self.grid[0] * self.grid[1]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Accepted for interface parity with the ViT encoder; ResNets do not checkpoint."""
+        """Recompute each residual block's activations in the backward pass (less memory).
+
+        BatchNorm running statistics are updated once per forward, as without checkpointing:
+        the recomputation normalises with the same batch statistics but leaves them unchanged
+        (it would otherwise apply the momentum update twice per step).
+
+        Args:
+            enable: switch on or off.
+        """
+        self.grad_checkpointing = enable
+
+    def _stage(self, layer: nn.Sequential, x: Tensor) -> Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return layer(x)
+        for block in layer:
+            context = functools.partial(_recompute_context, block)
+            x = checkpoint(block, x, use_reentrant=False, context_fn=context)
+        return x
 
     def feature_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Run the stem and the four stages.
@@ -402,9 +453,9 @@ class ResNetReIDEncoder(nn.Module):
         x = self.act2(self.bn2(self.conv2(x)))
         x = self.act3(self.bn3(self.conv3(x)))
         x = self.avgpool(x)
-        x = self.layer2(self.layer1(x))
-        x3 = self.layer3(x)
-        return x3, self.layer4(x3)
+        x = self._stage(self.layer2, self._stage(self.layer1, x))
+        x3 = self._stage(self.layer3, x)
+        return x3, self._stage(self.layer4, x3)
 
     def attention_pool(self, x4: Tensor, sie: Tensor | None = None) -> Tensor:
         """CLIP's QKV attention pool, returning only the query (mean) token.
