@@ -97,3 +97,31 @@ class PickleExploit:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+def _forked_main(argv, fault):
+    from train_clipreid import main
+    from utils.cli import run_main
+    from utils.faults import ENV
+
+    if fault:
+        os.environ[ENV] = fault
+    run_main(main, argv)
+
+
+def run_in_fork(argv, fault=""):
+    """Run ``train_clipreid.py argv`` in a forked process, optionally with a fault injected.
+
+    Args:
+        argv: the command line (without the program name).
+        fault: ``CLIPREID_FAULT`` for the child (see :mod:`utils.faults`), e.g. ``'write:3'``.
+
+    Returns:
+        The child's exit code (``-9`` when SIGKILL ended it).
+    """
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=_forked_main, args=(argv, fault))
+    proc.start()
+    proc.join(300)
+    return proc.exitcode

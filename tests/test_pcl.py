@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import processor.train as train_mod
 import test_clipreid
 import train_clipreid
 from configs.config import ConfigError, load_cfg
@@ -19,7 +18,7 @@ from model.loading import CheckpointMismatchError, load_reid_checkpoint
 from processor.recipes import PCLCLIP, RECIPES, register_recipe
 from solver.optimizer import build_optimizer
 from tests.clip_fixtures import make_cfg
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_in_fork
 from tests.conftest import tiny_run_opts as _opts
 
 PCL = ["MODEL.METHOD", "pcl", "MODEL.FREEZE_PATCH_EMBED", "True"]
@@ -293,27 +292,13 @@ def test_pcl_trains_end_to_end_and_rebuilds_the_bank_every_epoch(tmp_path, spy_p
     assert result["mAP"] == pytest.approx(summary["mAP"], abs=1e-6)
 
 
-class _Killed(Exception):
-    pass
-
-
-def test_pcl_kill_and_resume_gives_the_same_weights(tmp_path, monkeypatch):
+def test_pcl_kill_and_resume_gives_the_same_weights(tmp_path):
+    """SIGKILL after a PCL-CLIP step mid-way through epoch 2, then --resume."""
     data = tmp_path / "data"
-    train_clipreid.main(_opts(data, tmp_path / "full", s2=2, extra=PCL))
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(state, path):
-        real_save(state, path)
-        if isinstance(state, dict) and (state.get("stage"), state.get("epoch")) == (2, 1):
-            raise _Killed
-
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
-    with pytest.raises(_Killed):
-        train_clipreid.main(_opts(data, tmp_path / "killed", s2=2, extra=PCL))
-    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
-    train_clipreid.main(
-        [*_opts(data, tmp_path / "killed", s2=2, extra=PCL), "SOLVER.RESUME", "auto"]
-    )
+    assert run_in_fork(_opts(data, tmp_path / "full", s2=2, extra=PCL)) == 0
+    killed = _opts(data, tmp_path / "killed", s2=2, extra=PCL)
+    assert run_in_fork(killed, "step:5") == -9  # 3 steps an epoch: epoch 2, step 2
+    assert run_in_fork([*killed, "SOLVER.RESUME", "auto"]) == 0
     a = torch.load(tmp_path / "full" / "ViT-T-16-test_2.pth", weights_only=True)
     b = torch.load(tmp_path / "killed" / "ViT-T-16-test_2.pth", weights_only=True)
     assert a.keys() == b.keys()

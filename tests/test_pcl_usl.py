@@ -14,6 +14,7 @@ from configs.config import ConfigError, load_cfg
 from datasets.build import build_dataloaders
 from processor.memory import ClusterSettings, cluster_pseudo_labels
 from tests.conftest import last_eval as _last_eval
+from tests.conftest import run_in_fork
 from tests.conftest import tiny_run_opts as _opts
 from utils.reranking import jaccard_distance_sparse
 
@@ -175,3 +176,18 @@ def test_unsupervised_run_clusters_evaluates_and_ignores_train_pids(tmp_path, mo
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
     clusters = [(r["clusters"], r["outliers"]) for r in _metrics(other) if "clusters" in r]
     assert clusters == [(r["clusters"], r["outliers"]) for r in records]
+
+
+def test_unsupervised_run_interrupted_mid_epoch_resumes_bit_identically(tmp_path):
+    """SIGTERM in epoch 2 saves the moved memory and the epoch's pseudo labels with the state."""
+    data = tmp_path / "data"
+    assert run_in_fork(_opts(data, tmp_path / "full", extra=USL)) == 0
+    killed = _opts(data, tmp_path / "killed", extra=USL)
+    assert run_in_fork(killed, "step:2:TERM") == 128 + 15
+    ckpt = torch.load(tmp_path / "killed" / "last.pth", weights_only=True)
+    assert ckpt["stage"] == 2 and set(ckpt["partial"]["recipe"]) == {"centroids", "labels"}
+    assert run_in_fork([*killed, "--resume"]) == 0
+    a = torch.load(tmp_path / "full" / "ViT-T-16-test_2.pth", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "ViT-T-16-test_2.pth", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
