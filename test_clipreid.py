@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         The summary written to OUTPUT_DIR/test_metrics.json.
 
     Raises:
-        configs.config.ConfigError: TEST.WEIGHT unset or TEST.VISUALIZE* out of range.
+        configs.config.ConfigError: TEST.WEIGHT unset.
     """
     cfg, device, _ = parse_and_setup(
         argv, "Evaluate a ReID checkpoint.", "test_log.txt", config_name="test_config.yaml"
@@ -58,11 +58,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = build_model(
         cfg, data.num_classes, data.num_cameras, data.num_views, load_pretrained=False
     )
-    if cfg.TEST.VISUALIZE < 0 or cfg.TEST.VISUALIZE_TOPK < 1:
-        raise ConfigError(
-            f"TEST.VISUALIZE must be >= 0 (got {cfg.TEST.VISUALIZE}) and TEST.VISUALIZE_TOPK "
-            f">= 1 (got {cfg.TEST.VISUALIZE_TOPK})"
-        )
     load_reid_checkpoint(model, cfg.TEST.WEIGHT, for_training=False)
     model.to(device)
     settings = build_eval_settings(cfg)

@@ -23,6 +23,7 @@ from yacs.config import CfgNode as CN
 from configs.defaults import (
     FLAT_SOLVER_KEYS,
     LEGACY_KEYS,
+    RANGES,
     get_cfg_defaults,
 )
 from datasets.build import dataset_options
@@ -244,6 +245,37 @@ def _resolve(cfg: CN, explicit: set[str]) -> None:
         cfg.TEST.NECK_FEAT = get_recipe(cfg.MODEL.METHOD).neck_feat or cfg.TEST.NECK_FEAT
 
 
+def _in_range(value: float, rule: str) -> bool:
+    """Whether ``value`` satisfies a :data:`configs.defaults.RANGES` rule."""
+    if rule.startswith((">=", ">")):
+        bound = float(rule.lstrip(">= "))
+        return value >= bound if rule.startswith(">=") else value > bound
+    low, high = (float(v) for v in rule[1:-1].split(","))
+    above = value >= low if rule[0] == "[" else value > low
+    below = value <= high if rule[-1] == "]" else value < high
+    return above and below
+
+
+def check_ranges(cfg: CN) -> None:
+    """Check every numeric key against its range (each element of a list key).
+
+    Args:
+        cfg: a merged configuration.
+
+    Raises:
+        ConfigError: naming the key, its value and the valid range.
+    """
+    for key, rule in RANGES.items():
+        section, _, leaf = key.rpartition(".")
+        node = cfg
+        for part in section.split("."):
+            node = node[part]
+        value = node[leaf]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(_in_range(float(v), rule) for v in values):
+            raise ConfigError(f"{key} = {value!r} is out of range: it must be {rule}")
+
+
 def validate_cfg(cfg: CN) -> None:
     """Check choices and cross-key constraints.
 
@@ -253,6 +285,7 @@ def validate_cfg(cfg: CN) -> None:
     Raises:
         ConfigError: naming the key, its value and the valid values or what to change.
     """
+    check_ranges(cfg)
     for key, allowed in config_choices().items():
         node = cfg
         for part in key.split("."):
@@ -272,11 +305,8 @@ def validate_cfg(cfg: CN) -> None:
             raise ConfigError(DATASETS.unknown_message(name))
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
         value = cfg[key.split(".")[0]][key.split(".")[1]]
-        if len(value) != 2 or any(int(v) <= 0 for v in value):
+        if len(value) != 2:
             raise ConfigError(f"{key} = {list(value)}: expected two positive integers [H, W]")
-    for stage in ("STAGE1", "STAGE2"):
-        if cfg.SOLVER[stage].IMS_PER_BATCH <= 0 or cfg.SOLVER[stage].MAX_EPOCHS < 0:
-            raise ConfigError(f"SOLVER.{stage}: IMS_PER_BATCH must be > 0 and MAX_EPOCHS >= 0")
     k = cfg.DATALOADER.NUM_INSTANCE
     if cfg.DATALOADER.SAMPLER == "softmax_triplet" and (
         k < 2 or cfg.SOLVER.STAGE2.IMS_PER_BATCH % k
@@ -290,10 +320,6 @@ def validate_cfg(cfg: CN) -> None:
         raise ConfigError(
             f"SOLVER.STAGE2.TEXT_LOSSES has unknown entries {bad}; valid: {list(TEXT_LOSSES)}"
         )
-    if cfg.SOLVER.STAGE2.EVAL_PERIOD < 1 or cfg.SOLVER.STAGE2.CHECKPOINT_PERIOD < 1:
-        raise ConfigError("SOLVER.STAGE2.EVAL_PERIOD and CHECKPOINT_PERIOD must be >= 1")
-    if cfg.SOLVER.STAGE1.CHECKPOINT_PERIOD < 1:
-        raise ConfigError("SOLVER.STAGE1.CHECKPOINT_PERIOD must be >= 1")
     try:
         # The components' own cross-key rules, written once next to the code they protect.
         check_model_cfg(cfg)

@@ -206,3 +206,28 @@ def test_registered_names_become_valid_config_values():
     finally:
         ARCHS.remove("ViT-T-16-mine")
         RECIPES.remove("my_method")
+
+
+def test_every_numeric_key_has_a_range_and_violations_name_the_key():
+    """No numeric key escapes the range check; values that used to fail late fail at load."""
+    from configs.config import _in_range
+    from configs.defaults import RANGES
+
+    flat = _flatten(_to_dict(get_cfg_defaults()))
+
+    def numeric(v):
+        items = v if isinstance(v, (list, tuple)) else [v]
+        return bool(items) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in items
+        )
+
+    assert {k for k, v in flat.items() if numeric(v)} == set(RANGES)
+    for key, value in (("SOLVER.STAGE2.BASE_LR", "-0.1"), ("TEST.IMS_PER_BATCH", "0")):
+        with pytest.raises(ConfigError, match=rf"{key} = .* is out of range"):
+            load_cfg(None, [key, value])
+    with pytest.raises(ConfigError, match=r"INPUT.PIXEL_STD = \[0.5, 0.0, 0.5\]"):
+        load_cfg(None, ["INPUT.PIXEL_STD", "[0.5, 0.0, 0.5]"])
+    cases = [(0.0, "[0, 1)", True), (1.0, "[0, 1)", False), (0.0, "(0, 1)", False)]
+    cases += [(1.0, "(0, 1]", True), (0.0, "> 0", False), (0.0, ">= 0", True), (-1, ">= 0", False)]
+    for value, rule, expected in cases:
+        assert _in_range(value, rule) is expected, (value, rule)
