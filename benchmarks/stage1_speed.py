@@ -88,7 +88,7 @@ def build(name: str, num_ids: int, seed: int = 0) -> tuple[ReIDModel, torch.opti
     cfg.MODEL.PROMPT_CLASS = "person"
     torch.manual_seed(seed)
     model = build_model(cfg, num_ids, 1, 1, load_pretrained=False)
-    model.set_trainable(1)
+    model.set_trainable("prompts")
     model.train()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return model, build_optimizer(cfg, trainable, stage=1), float(cfg.MODEL.TEMPERATURE)

@@ -218,7 +218,7 @@ def ours_bench(
     cfg.MODEL.GRAD_CHECKPOINTING = options.get("grad_checkpointing", False)
     cfg.MODEL.CHANNELS_LAST = options.get("channels_last", False)
     model = build_model(cfg, num_classes, 1, 1, load_pretrained=False).to(device)
-    model.set_trainable(2)
+    model.set_trainable("image")
     model.train()
     criterion = build_loss(cfg, num_classes)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

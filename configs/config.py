@@ -308,12 +308,18 @@ def validate_cfg(cfg: CN) -> None:
         if len(value) != 2:
             raise ConfigError(f"{key} = {list(value)}: expected two positive integers [H, W]")
     k = cfg.DATALOADER.NUM_INSTANCE
-    if cfg.DATALOADER.SAMPLER == "softmax_triplet" and (
-        k < 2 or cfg.SOLVER.STAGE2.IMS_PER_BATCH % k
-    ):
+    batch, parts = cfg.SOLVER.STAGE2.IMS_PER_BATCH, cfg.SOLVER.STAGE2.GRAD_ACCUM_STEPS
+    if cfg.DATALOADER.SAMPLER == "softmax_triplet" and (k < 2 or batch % k):
         raise ConfigError(
-            f"SOLVER.STAGE2.IMS_PER_BATCH = {cfg.SOLVER.STAGE2.IMS_PER_BATCH} must be a multiple "
+            f"SOLVER.STAGE2.IMS_PER_BATCH = {batch} must be a multiple "
             f"of DATALOADER.NUM_INSTANCE = {k} (>= 2) for P x K batches"
+        )
+    unit = k if cfg.DATALOADER.SAMPLER == "softmax_triplet" else 1
+    if batch % (parts * unit):
+        raise ConfigError(
+            f"SOLVER.STAGE2.IMS_PER_BATCH = {batch} does not split into "
+            f"SOLVER.STAGE2.GRAD_ACCUM_STEPS = {parts} micro-batches"
+            + (f" of whole identities (DATALOADER.NUM_INSTANCE = {k})" if unit > 1 else "")
         )
     bad = sorted(set(cfg.SOLVER.STAGE2.TEXT_LOSSES) - set(TEXT_LOSSES))
     if bad:

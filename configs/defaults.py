@@ -195,6 +195,10 @@ _C.SOLVER.STAGE1.MODE = "instance"
 _C.SOLVER.STAGE2 = CN()
 # Stage-2 batch P x K.
 _C.SOLVER.STAGE2.IMS_PER_BATCH = 64
+# Micro-batches per optimizer step: the IMS_PER_BATCH batch is split into this many parts, each
+# forward/backward on its own, one step at the end (the paper's batch on a smaller GPU). The
+# triplet loss and BatchNorm see one micro-batch; per-sample losses give the same gradient.
+_C.SOLVER.STAGE2.GRAD_ACCUM_STEPS = 1
 # Stage-2 optimizer: 'Adam', 'AdamW' or 'SGD'.
 _C.SOLVER.STAGE2.OPTIMIZER_NAME = "Adam"
 # Stage-2 epochs.
@@ -372,6 +376,7 @@ RANGES: dict[str, str] = {
     "SOLVER.STAGE1.CHECKPOINT_PERIOD": ">= 1",
     "SOLVER.STAGE1.LOG_PERIOD": ">= 1",
     "SOLVER.STAGE2.IMS_PER_BATCH": ">= 1",
+    "SOLVER.STAGE2.GRAD_ACCUM_STEPS": ">= 1",
     "SOLVER.STAGE2.MAX_EPOCHS": ">= 0",
     "SOLVER.STAGE2.BASE_LR": "> 0",
     "SOLVER.STAGE2.BIAS_LR_FACTOR": "> 0",

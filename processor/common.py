@@ -211,6 +211,7 @@ class LoopSettings:
         log_period: iterations between log lines.
         checkpoint_period: epochs between full-state checkpoints.
         eval_period: epochs between evaluations (stage 2; 0 in stage 1: no evaluation).
+        accum_steps: micro-batches per optimizer step (stage 2; 1 in stage 1).
         seed: ``SOLVER.SEED`` (every epoch's randomness derives from it).
         amp_dtype: ``MODEL.AMP_DTYPE`` (autocast precision on CUDA).
         output_dir: where ``metrics.jsonl`` is appended.
@@ -221,6 +222,7 @@ class LoopSettings:
     log_period: int
     checkpoint_period: int
     eval_period: int
+    accum_steps: int
     seed: int
     amp_dtype: str
     output_dir: str
@@ -244,6 +246,7 @@ def build_loop_settings(cfg, stage: int) -> LoopSettings:
         log_period=s.LOG_PERIOD,
         checkpoint_period=s.CHECKPOINT_PERIOD,
         eval_period=s.EVAL_PERIOD if stage == 2 else 0,
+        accum_steps=s.GRAD_ACCUM_STEPS if stage == 2 else 1,
         seed=cfg.SOLVER.SEED,
         amp_dtype=cfg.MODEL.AMP_DTYPE,
         output_dir=cfg.OUTPUT_DIR,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -113,6 +114,52 @@ def _log_period(meter: PeriodMeter, loop: LoopSettings, epoch: int, it: int, n: 
     )
 
 
+def accumulate_gradients(
+    recipe: Recipe,
+    step: torch.nn.Module,
+    batch: dict[str, Any],
+    scaler: torch.amp.GradScaler,
+    loop: LoopSettings,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[Any, torch.Tensor]]]:
+    """Forward and backward of a batch in ``loop.accum_steps`` equal consecutive micro-batches.
+
+    Each micro-batch's loss is divided by the number of micro-batches, so the summed gradient
+    is their mean: for per-sample mean losses (ID, image-to-text, PCL) that equals the gradient of
+    the whole batch; the triplet loss mines, and BatchNorm normalises, within each micro-batch
+    (a P x K batch splits into whole identities). Under DDP only the last micro-batch
+    synchronises the gradients.
+
+    Returns:
+        (mean loss, mean loss terms, [(training output, pids)] of each micro-batch), detached.
+    """
+    device, n = recipe.device, loop.accum_steps
+    images = batch_images(batch, recipe.model, device)
+    pids, cams, views = batch_ids(batch, device)
+    size = len(pids) // n
+    if size * n != len(pids):
+        raise ValueError(
+            f"a batch of {len(pids)} images does not split into SOLVER.STAGE2.GRAD_ACCUM_STEPS "
+            f"= {n} equal micro-batches"
+        )
+    loss, terms, parts = 0.0, {}, []
+    for i in range(n):
+        part = slice(i * size, (i + 1) * size)
+        last = i == n - 1
+        sync = contextlib.nullcontext() if last or not hasattr(step, "no_sync") else step.no_sync()
+        with sync:
+            with autocast(device, loop.amp_dtype):
+                text_pids = recipe.text_pids(pids[part])
+                out, text_feats = step(images[part], cams[part], views[part], text_pids)
+                part_terms = recipe.losses(out, pids[part], text_pids, text_feats)
+            part_loss = sum(part_terms.values())
+            scaler.scale(part_loss / n).backward()
+        loss = loss + part_loss.detach() / n
+        for k, v in part_terms.items():
+            terms[k] = terms.get(k, 0.0) + v.detach() / n
+        parts.append((out, pids[part]))
+    return loss, terms, parts
+
+
 def _train_step(
     recipe: Recipe,
     step: torch.nn.Module,
@@ -124,27 +171,20 @@ def _train_step(
     where: str,
 ) -> dict[str, float] | None:
     """One optimizer step on a batch; returns the logged values, or None for a skipped step."""
-    device = recipe.device
-    images = batch_images(batch, recipe.model, device)
-    pids, cams, views = batch_ids(batch, device)
     optimizer.zero_grad(set_to_none=True)
-    with autocast(device, loop.amp_dtype):
-        text_pids = recipe.text_pids(pids)
-        out, text_feats = step(images, cams, views, text_pids)
-        terms = recipe.losses(out, pids, text_pids, text_feats)
-    loss = sum(terms.values())
-    scaler.scale(loss).backward()
+    loss, terms, parts = accumulate_gradients(recipe, step, batch, scaler, loop)
     if not control.guard.step_is_finite(loss, terms, optimizer, scaler, where):
         optimizer.zero_grad(set_to_none=True)
         return None
     scaler.step(optimizer)
     scaler.update()
     fault_point("step")
-    recipe.end_step(out, pids)
+    for out, pids in parts:
+        recipe.end_step(out, pids)
     values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-    acc = recipe.accuracy(out, pids)
-    if acc is not None:
-        values["acc"] = acc
+    accs = [recipe.accuracy(out, pids) for out, pids in parts]
+    if accs[0] is not None:
+        values["acc"] = sum(accs) / len(accs)
     return values
 
 

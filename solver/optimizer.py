@@ -133,7 +133,7 @@ def build_optimizer(
     Args:
         cfg: yacs config.
         named_params: ``(name, parameter)`` pairs of the trainable parameters; the caller
-            filters on ``requires_grad`` (e.g. after ``model.set_trainable(stage)``).
+            filters on ``requires_grad`` (e.g. after ``model.set_trainable('image')``).
         stage: 1 or 2.
         implementation: ``{'fused': True}``, ``{'foreach': True}`` or ``{}`` instead of the
             rule's choice (to compare implementations).
@@ -146,7 +146,8 @@ def build_optimizer(
     named_params = list(named_params)
     if not named_params:
         raise ValueError(
-            f"no trainable parameters for stage {stage}: did you call model.set_trainable({stage})?"
+            f"no trainable parameters for stage {stage}: did you call "
+            f"model.set_trainable({'prompts' if stage == 1 else 'image'!r})?"
         )
     frozen = [name for name, p in named_params if not p.requires_grad]
     if frozen:

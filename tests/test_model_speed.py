@@ -29,7 +29,7 @@ def _pair(name: str, **overrides: object):
     for extra in ({}, overrides):
         torch.manual_seed(0)
         model = build_model(make_cfg(name, **extra), NUM_CLASSES, 1, 1)
-        model.set_trainable(2)
+        model.set_trainable("image")
         models.append(model.train())
     return models
 

@@ -296,7 +296,7 @@ def test_optimizer_choice(stage: int) -> None:
 
 
 def test_optimizer_errors_on_empty_or_frozen_params() -> None:
-    with pytest.raises(ValueError, match=r"set_trainable\(1\)"):
+    with pytest.raises(ValueError, match=r"set_trainable\('prompts'\)"):
         build_optimizer(_cfg(), [], stage=1)
     frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
     with pytest.raises(ValueError, match="frozen_w"):

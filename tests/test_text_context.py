@@ -99,7 +99,7 @@ def test_encode_text_truncates_and_keeps_features_and_grads(template, word, n_ct
     )
     torch.manual_seed(1)
     model = build_model(cfg, 5, 1, 1)
-    model.set_trainable(1)
+    model.set_trainable("prompts")
     pl, te = model.prompt_learner, model.text_encoder
     eot = int(pl.eot_index)
     assert pl.prompt_length == eot + 1 < 77

@@ -140,3 +140,39 @@ def test_official_yaml_runs_unchanged(tmp_path, official):
 def test_official_style_yaml_runs_unchanged(tmp_path, rel):
     """The same with the official-style look-alikes (no official files needed)."""
     _check_runs_unchanged(tmp_path, write_official_style(tmp_path / "configs")[rel], rel)
+
+
+def test_gradient_accumulation_is_the_mean_of_the_micro_batch_gradients(tmp_path):
+    """GRAD_ACCUM_STEPS 2: the accumulated gradient and terms are the mean over the two halves."""
+    from processor.stage2 import _TrainStep, accumulate_gradients
+
+    extra = ["SOLVER.STAGE2.GRAD_ACCUM_STEPS", "2", "DATALOADER.NUM_INSTANCE", "2"]
+    cfg, data, model, recipe = _setup(tmp_path, extra=extra)
+    recipe.build_optimizer(cfg, stage=2)
+    recipe.start()
+    step, scaler = _TrainStep(model).train(), make_grad_scaler(CPU, "fp32")
+    batch = next(iter(data.train_stage2))
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    loss, terms, parts = accumulate_gradients(
+        recipe, step, batch, scaler, build_loop_settings(cfg, 2)
+    )
+    accumulated = [p.grad.clone() for p in params]
+    assert [len(pids) for _, pids in parts] == [4, 4]
+
+    model.load_state_dict(start)  # BN running statistics back to the same start
+    one = build_loop_settings(load_cfg(None, _opts(tmp_path / "data", tmp_path / "o")), 2)
+    grads, halves = [], []
+    for half in (slice(0, 4), slice(4, 8)):
+        model.zero_grad(set_to_none=True)
+        part = {k: v[half] for k, v in batch.items() if k != "paths"}
+        halves.append(accumulate_gradients(recipe, step, part, scaler, one))
+        grads.append([p.grad.clone() for p in params])
+    for acc, g1, g2 in zip(accumulated, *grads, strict=True):
+        torch.testing.assert_close(acc, (g1 + g2) / 2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(loss, (halves[0][0] + halves[1][0]) / 2)
+    for key in terms:
+        torch.testing.assert_close(terms[key], (halves[0][1][key] + halves[1][1][key]) / 2)
+    with pytest.raises(Exception, match="GRAD_ACCUM_STEPS = 4 micro-batches of whole identities"):
+        load_cfg(None, _opts(tmp_path / "d", tmp_path / "x", extra=[extra[0], "4"]))
