@@ -125,3 +125,16 @@ def run_in_fork(argv, fault=""):
     proc.start()
     proc.join(300)
     return proc.exitcode
+
+
+class MeanColour(torch.nn.Module):
+    """A stand-in model: the feature of an image is its mean colour (plus a fixed projection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Parameter(
+            torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+        )
+
+    def encode_image(self, images, camids=None, viewids=None):
+        return images.mean(dim=(2, 3)) @ self.proj

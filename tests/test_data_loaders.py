@@ -30,7 +30,7 @@ from datasets.build import build_dataloaders, build_datasets
 from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
 from datasets.synthetic import generate_synthetic_reid
 from processor.evaluate import build_eval_settings, evaluate_bundle
-from tests.test_evaluate import MeanColour
+from tests.conftest import MeanColour
 
 
 def synthetic_cfg(root: Path, workers: int = 0):

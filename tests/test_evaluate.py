@@ -17,20 +17,8 @@ from processor.evaluate import (
     summarize,
     summarize_trials,
 )
+from tests.conftest import MeanColour
 from utils.metrics import eval_func, evaluate_features
-
-
-class MeanColour(torch.nn.Module):
-    """A stand-in model: the feature of an image is its mean colour (plus a fixed projection)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Parameter(
-            torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
-        )
-
-    def encode_image(self, images, camids=None, viewids=None):
-        return images.mean(dim=(2, 3)) @ self.proj
 
 
 def _vehicleid(root, num_ids=6, per_id=4):
