@@ -285,6 +285,11 @@ def validate_cfg(cfg: CN) -> None:
             f"SOLVER.STAGE2.IMS_PER_BATCH = {cfg.SOLVER.STAGE2.IMS_PER_BATCH} must be a multiple "
             f"of DATALOADER.NUM_INSTANCE = {k} (>= 2) for P x K batches"
         )
+    if cfg.DATALOADER.ITERS_PER_EPOCH < 0:
+        raise ConfigError(
+            f"DATALOADER.ITERS_PER_EPOCH = {cfg.DATALOADER.ITERS_PER_EPOCH}: use a batch count "
+            ">= 1, or 0 for one pass of the sampler per epoch"
+        )
     bad = sorted(set(cfg.SOLVER.STAGE2.TEXT_LOSSES) - set(TEXT_LOSSES))
     if bad:
         raise ConfigError(

@@ -139,6 +139,8 @@ _C.DATALOADER.NUM_WORKERS = 8
 _C.DATALOADER.SAMPLER = "softmax_triplet"
 # K images per identity in a P x K batch.
 _C.DATALOADER.NUM_INSTANCE = 4
+# Batches per stage-2 epoch, restarting the sampler when it runs out (PCL-CLIP: 200); 0 = one pass.
+_C.DATALOADER.ITERS_PER_EPOCH = 0
 
 # ----------------------------------------------------------------------------------------------
 # SOLVER

@@ -34,7 +34,11 @@ from datasets.bases import (
 )
 from datasets.image_dataset import ImageDataset, check_images_readable, collate_batch
 from datasets.layouts import DatasetOptions, get_layout
-from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
+from datasets.samplers import (
+    FixedLengthBatchSampler,
+    RandomIdentityBatchSampler,
+    ShuffleBatchSampler,
+)
 from datasets.transforms import build_transforms
 from utils.dist import get_rank, get_world_size
 
@@ -211,7 +215,8 @@ class DataBundle:
         train_stage1: train set, test transforms, ``SOLVER.STAGE1.IMS_PER_BATCH``, in order
             (stage 1 caches one feature per image; labels travel with the features).
         train_stage2: train set, train transforms, P x K identity batches
-            (``DATALOADER.SAMPLER 'softmax_triplet'``) or shuffled batches ('softmax'); its
+            (``DATALOADER.SAMPLER 'softmax_triplet'``) or shuffled batches ('softmax'), one
+            sampler pass or ``DATALOADER.ITERS_PER_EPOCH`` batches per epoch; its
             ``batch_sampler`` has ``set_epoch``.
         val: query images then gallery images, test transforms, ``TEST.IMS_PER_BATCH``.
         train_eval: train set, test transforms, ``TEST.IMS_PER_BATCH``, in order.
@@ -293,7 +298,8 @@ def build_train_sampler(
     seed: int,
     rank: int | None = None,
     world_size: int | None = None,
-) -> RandomIdentityBatchSampler | ShuffleBatchSampler:
+    iters_per_epoch: int = 0,
+) -> RandomIdentityBatchSampler | ShuffleBatchSampler | FixedLengthBatchSampler:
     """The stage-2 batch sampler.
 
     Args:
@@ -304,6 +310,8 @@ def build_train_sampler(
         seed: run seed.
         rank: process rank (None: from torch.distributed).
         world_size: number of processes (None: from torch.distributed).
+        iters_per_epoch: batches per epoch, restarting the sampler when it runs out
+            (:class:`FixedLengthBatchSampler`); 0 = one pass of the sampler.
 
     Returns:
         A batch sampler with ``set_epoch`` that yields ``SampleKey`` batches.
@@ -318,17 +326,19 @@ def build_train_sampler(
             f"SOLVER.STAGE2.IMS_PER_BATCH = {batch_size} does not split over {world_size} processes"
         )
     per_rank = batch_size // world_size
+    if iters_per_epoch < 0:
+        raise ValueError(f"DATALOADER.ITERS_PER_EPOCH = {iters_per_epoch} must be >= 0")
     if sampler == "softmax_triplet":
         if per_rank % num_instances:
             raise ValueError(
                 f"per-process batch {per_rank} is not a multiple of DATALOADER.NUM_INSTANCE = "
                 f"{num_instances}"
             )
-        return RandomIdentityBatchSampler(
+        one_pass = RandomIdentityBatchSampler(
             pids, per_rank, num_instances, seed, rank, world_size, sample_seeds=True
         )
-    if sampler == "softmax":
-        return ShuffleBatchSampler(
+    elif sampler == "softmax":
+        one_pass = ShuffleBatchSampler(
             len(pids),
             per_rank,
             seed,
@@ -337,7 +347,11 @@ def build_train_sampler(
             world_size=world_size,
             sample_seeds=True,
         )
-    raise ValueError(f"DATALOADER.SAMPLER = {sampler!r}; valid: 'softmax_triplet', 'softmax'")
+    else:
+        raise ValueError(f"DATALOADER.SAMPLER = {sampler!r}; valid: 'softmax_triplet', 'softmax'")
+    if iters_per_epoch:
+        return FixedLengthBatchSampler(one_pass, iters_per_epoch)
+    return one_pass
 
 
 def build_dataloaders(cfg: CfgNode) -> DataBundle:
@@ -371,6 +385,7 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
             int(cfg.SOLVER.STAGE2.IMS_PER_BATCH),
             int(cfg.DATALOADER.NUM_INSTANCE),
             seed,
+            iters_per_epoch=int(cfg.DATALOADER.ITERS_PER_EPOCH),
         )
         return DataLoader(
             ImageDataset(records, train_tf, skip),

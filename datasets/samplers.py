@@ -50,7 +50,7 @@ class EpochBatchSampler(Sampler[list]):
             raise ValueError(f"rank {self.rank} is outside 0..{self.world_size - 1}")
         self.sample_seeds = sample_seeds
         self.epoch = 0
-        self._cache: tuple[int, list[list]] | None = None
+        self._cache: tuple[tuple[int, int], list[list]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches the next iteration yields.
@@ -71,25 +71,36 @@ class EpochBatchSampler(Sampler[list]):
         """
         raise NotImplementedError
 
-    def epoch_batches(self) -> list[list]:
-        """This rank's batches of the current epoch (cached per epoch).
+    def epoch_batches(self, pass_index: int = 0) -> list[list]:
+        """This rank's batches of one pass of the current epoch (cached per epoch and pass).
+
+        Pass 0 is the epoch's batch list; pass ``k > 0`` is a fresh draw (new order, new
+        augmentation seeds) for loops that restart the sampler within an epoch
+        (:class:`FixedLengthBatchSampler`). Every pass is a pure function of
+        ``(seed, epoch, pass_index)``.
+
+        Args:
+            pass_index: which pass of the epoch, >= 0.
 
         Returns:
             Lists of indices, or of ``SampleKey`` with ``sample_seeds``.
         """
-        if self._cache is not None and self._cache[0] == self.epoch:
+        key = (self.epoch, int(pass_index))
+        if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        epoch_word = self.epoch % (2**64)
-        batches = self.global_batches(np.random.default_rng([self.seed, epoch_word, 0]))
+        words = [self.seed, self.epoch % (2**64)]
+        # Pass k > 0 adds a word to each stream's seed; pass 0 keeps the plain epoch seed.
+        extra = [int(pass_index)] if pass_index else []
+        batches = self.global_batches(np.random.default_rng([*words, 0, *extra]))
         if self.sample_seeds:
             # A separate stream, so the seeds never change which indices are drawn.
-            seed_rng = np.random.default_rng([self.seed, epoch_word, 1])
+            seed_rng = np.random.default_rng([*words, 1, *extra])
             seeds = seed_rng.integers(0, 2**63, size=sum(len(b) for b in batches))
             flat = iter(seeds.tolist())
             batches = [[SampleKey(i, next(flat)) for i in b] for b in batches]
         usable = len(batches) - len(batches) % self.world_size
         mine = batches[self.rank : usable : self.world_size]
-        self._cache = (self.epoch, mine)
+        self._cache = (key, mine)
         return mine
 
     def __iter__(self) -> Iterator[list]:
@@ -222,3 +233,62 @@ class ShuffleBatchSampler(EpochBatchSampler):
         b = self.batch_size
         end = len(order) - len(order) % b if self.drop_last and len(order) >= b else len(order)
         return [order[i : i + b] for i in range(0, end, b)]
+
+
+class FixedLengthBatchSampler(Sampler[list]):
+    """A fixed number of batches per epoch, restarting the wrapped sampler when it runs out.
+
+    PCL-CLIP (and ClusterContrast, whose ``IterLoader`` it uses) trains a fixed number of
+    iterations per epoch (``SOLVER.ITERS`` 200 there): each epoch starts a new pass of the P x K
+    sampler, and when a pass is exhausted before the count is reached the sampler starts over
+    with a fresh shuffle; what is left of the last pass at the end of the epoch is dropped. Here
+    pass ``k`` of an epoch is ``sampler.epoch_batches(k)``: a fresh draw that is a pure function
+    of ``(seed, epoch, k)``, so a resumed run replays it. In a distributed run every rank takes
+    its share of each pass and yields ``num_batches`` batches.
+
+    Args:
+        sampler: the epoch batch sampler to draw passes from.
+        num_batches: batches per epoch (``DATALOADER.ITERS_PER_EPOCH``), >= 1.
+    """
+
+    def __init__(self, sampler: EpochBatchSampler, num_batches: int) -> None:
+        if int(num_batches) < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.sampler = sampler
+        self.num_batches = int(num_batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches the next iteration yields.
+
+        Args:
+            epoch: any integer (the training loop's epoch counter).
+        """
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch of the wrapped sampler."""
+        return self.sampler.epoch
+
+    def __iter__(self) -> Iterator[list]:
+        """Yield ``num_batches`` batches: pass 0, then fresh passes until the count is reached.
+
+        Raises:
+            RuntimeError: a pass yields no batch on this rank (the count could never be reached).
+        """
+        left, pass_index = self.num_batches, 0
+        while left > 0:
+            batches = self.sampler.epoch_batches(pass_index)
+            if not batches:
+                raise RuntimeError(
+                    "the batch sampler yields no batch on this process: not enough training "
+                    "images or identities for one batch per process"
+                )
+            for batch in batches[:left]:
+                yield list(batch)
+            left -= min(left, len(batches))
+            pass_index += 1
+
+    def __len__(self) -> int:
+        """``num_batches``, whatever the length of a pass."""
+        return self.num_batches

@@ -224,6 +224,8 @@ def test_shipped_pcl_config_carries_the_official_recipe():
     assert m.MEMORY_MOMENTUM == 0.2 and m.IF_LABELSMOOTH and list(m.STRIDE_SIZE) == [16, 16]
     # Batch 256 = 32 identities x 8 images.
     assert s2.IMS_PER_BATCH == 256 and cfg.DATALOADER.NUM_INSTANCE == 8
+    # A fixed 200 iterations per epoch (the official SOLVER.ITERS): 12,000 in 60 epochs.
+    assert cfg.DATALOADER.ITERS_PER_EPOCH * s2.MAX_EPOCHS == 12000
     assert (s2.OPTIMIZER_NAME, s2.BASE_LR, s2.MOMENTUM) == ("SGD", 3.5e-4, 0.9)
     assert s2.WEIGHT_DECAY == s2.WEIGHT_DECAY_BIAS == 5e-4
     assert s2.BIAS_LR_FACTOR == 1.0 and not s2.LARGE_FC_LR
