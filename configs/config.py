@@ -28,6 +28,7 @@ from configs.defaults import (
 from datasets.build import dataset_options
 from datasets.layouts import DATASETS
 from datasets.synthetic import SYNTHETIC_MODES
+from datasets.transforms import ERASE_MODES, TEST_INTERPOLATIONS
 from datasets.vehicleid import VEHICLEID
 from loss.build import SAMPLERS, TEXT_LOSSES
 from model.build import check_model_cfg
@@ -65,6 +66,8 @@ def config_choices() -> dict[str, list]:
         "MODEL.METHOD": RECIPES.names(),
         "MODEL.SIE_MODE": list(SIE_MODES),
         "MODEL.AMP_DTYPE": list(AMP_DTYPES),
+        "INPUT.RE_MODE": list(ERASE_MODES),
+        "INPUT.TEST_INTERPOLATION": list(TEST_INTERPOLATIONS),
         "DATALOADER.SAMPLER": list(SAMPLERS),
         "DATASETS.VEHICLEID_TEST_SIZE": list(VEHICLEID.test_sizes),
         "DATASETS.SYNTHETIC.MODE": list(SYNTHETIC_MODES),

@@ -90,6 +90,10 @@ _C.INPUT.SIZE_TEST = [256, 128]
 _C.INPUT.PROB = 0.5
 # Random erasing probability (per-pixel noise boxes, as the official timm settings).
 _C.INPUT.RE_PROB = 0.5
+# Erasing: 'pixel' (timm noise, CLIP-ReID) or 'constant' (Zhong's PIXEL_MEAN fill, PCL-CLIP).
+_C.INPUT.RE_MODE = "pixel"
+# Test resize: 'bilinear' (CLIP-ReID's) or 'bicubic' (PCL-CLIP's); the train resize is bicubic.
+_C.INPUT.TEST_INTERPOLATION = "bilinear"
 # Zero padding before the random crop.
 _C.INPUT.PADDING = 10
 # Normalisation mean; the official ViT recipes use 0.5, the CNN recipes ImageNet's.

@@ -232,6 +232,12 @@ def test_shipped_pcl_config_carries_the_official_recipe():
     assert (s2.MAX_EPOCHS, list(s2.STEPS), s2.GAMMA) == (60, [30, 50], 0.1)
     assert (s2.WARMUP_ITERS, s2.WARMUP_FACTOR, s2.WARMUP_METHOD) == (10, 0.1, "linear")
     assert list(cfg.INPUT.SIZE_TRAIN) == [256, 128] and list(cfg.INPUT.PIXEL_MEAN) == [0.5] * 3
+    # PCL-CLIP's transforms: bicubic test resize, Zhong's constant-fill random erasing.
+    assert (cfg.INPUT.TEST_INTERPOLATION, cfg.INPUT.RE_MODE, cfg.INPUT.RE_PROB) == (
+        "bicubic",
+        "constant",
+        0.5,
+    )
     assert cfg.TEST.NECK_FEAT == "after" and cfg.TEST.FEAT_NORM and cfg.TEST.IMS_PER_BATCH == 64
 
 
