@@ -235,6 +235,8 @@ _C.TEST.RE_RANKING_K1 = 50
 _C.TEST.RE_RANKING_K2 = 15
 # Re-ranking lambda: weight of the original distance.
 _C.TEST.RE_RANKING_LAMBDA = 0.3
+# Re-ranking in float16 as the official code (V and Jaccard; to compare with published numbers).
+_C.TEST.RE_RANKING_FLOAT16 = False
 # Checkpoint to evaluate with test_clipreid.py.
 _C.TEST.WEIGHT = ""
 # Eval feature: 'before' (pre-BN, every official YAML) or 'after' the BNNecks ('pcl': always after).
