@@ -30,7 +30,7 @@ from datasets.layouts import DATASETS
 from datasets.synthetic import SYNTHETIC_MODES
 from datasets.transforms import ERASE_MODES, TEST_INTERPOLATIONS
 from datasets.vehicleid import VEHICLEID
-from loss.build import SAMPLERS, TEXT_LOSSES
+from loss import MEMORY_UPDATES, SAMPLERS, TEXT_LOSSES
 from model.build import check_model_cfg
 from model.clip.arch import ARCHS
 from model.clip.vision import SIE_MODES
@@ -66,6 +66,7 @@ def config_choices() -> dict[str, list]:
         "MODEL.METHOD": RECIPES.names(),
         "MODEL.SIE_MODE": list(SIE_MODES),
         "MODEL.AMP_DTYPE": list(AMP_DTYPES),
+        "MODEL.MEMORY_UPDATE": list(MEMORY_UPDATES),
         "INPUT.RE_MODE": list(ERASE_MODES),
         "INPUT.TEST_INTERPOLATION": list(TEST_INTERPOLATIONS),
         "DATALOADER.SAMPLER": list(SAMPLERS),

@@ -63,6 +63,8 @@ _C.MODEL.PCL_LOSS_WEIGHT = 1.0
 _C.MODEL.PCL_TEMPERATURE = 0.05
 # PCL centroid momentum m (c <- m*c + (1-m)*x_hard); 0.2 as the official PCL-CLIP config.
 _C.MODEL.MEMORY_MOMENTUM = 0.2
+# PCL centroid update: 'hard' (hardest instance per ID, the paper's) or 'all' (ClusterContrast).
+_C.MODEL.MEMORY_UPDATE = "hard"
 # Unsupervised PCL-CLIP (METHOD 'pcl'): train on DBSCAN pseudo labels re-clustered every epoch.
 _C.MODEL.PCL_UNSUPERVISED = False
 # DBSCAN radius on the k-reciprocal Jaccard distance; 0.6 Market, 0.7 MSMT17 (USL recipes).
