@@ -289,6 +289,11 @@ def validate_cfg(cfg: CN) -> None:
             f"SOLVER.STAGE2.IMS_PER_BATCH = {cfg.SOLVER.STAGE2.IMS_PER_BATCH} must be a multiple "
             f"of DATALOADER.NUM_INSTANCE = {k} (>= 2) for P x K batches"
         )
+    if cfg.DATALOADER.CAMERA_AWARE and cfg.DATALOADER.SAMPLER != "softmax_triplet":
+        raise ConfigError(
+            "DATALOADER.CAMERA_AWARE shapes P x K batches: it needs DATALOADER.SAMPLER "
+            f"'softmax_triplet', not {cfg.DATALOADER.SAMPLER!r}"
+        )
     if cfg.DATALOADER.ITERS_PER_EPOCH < 0:
         raise ConfigError(
             f"DATALOADER.ITERS_PER_EPOCH = {cfg.DATALOADER.ITERS_PER_EPOCH}: use a batch count "

@@ -147,6 +147,8 @@ _C.DATALOADER.SAMPLER = "softmax_triplet"
 _C.DATALOADER.NUM_INSTANCE = 4
 # Batches per stage-2 epoch, restarting the sampler when it runs out (PCL-CLIP: 200); 0 = one pass.
 _C.DATALOADER.ITERS_PER_EPOCH = 0
+# P x K with an identity's K images from other cameras than its anchor's (ClusterContrast, USL).
+_C.DATALOADER.CAMERA_AWARE = False
 
 # ----------------------------------------------------------------------------------------------
 # SOLVER

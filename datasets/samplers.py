@@ -1,4 +1,5 @@
-"""Batch samplers of the training loaders: P x K identity batches and plain shuffled batches.
+"""Batch samplers of the training loaders: P x K identity batches (plain or camera-aware) and
+plain shuffled batches.
 
 Both are *batch* samplers (they yield lists of indices) whose epoch is a pure function of
 ``(seed, epoch)``: ``set_epoch(epoch)`` replaces the global random state of the official samplers,
@@ -194,6 +195,88 @@ class RandomIdentityBatchSampler(EpochBatchSampler):
                 available.pop(pos)
             batches.append(batch)
         return batches
+
+
+class CameraAwareIdentityBatchSampler(EpochBatchSampler):
+    """P x K batches whose K images of an identity span its cameras (``DATALOADER.CAMERA_AWARE``).
+
+    ClusterContrast's ``RandomMultipleGallerySampler``, which the PCL-CLIP USL reproduction
+    trains with. Per pass: the identities in random order; for each, one anchor image at random,
+    then K - 1 more images of the identity drawn from the images of OTHER cameras than the
+    anchor's (without replacement when there are at least K of them, else with replacement, as
+    the original); an identity seen by one camera only draws them from its other images the same
+    way, and an identity with a single image contributes the anchor alone. The sequence of all
+    identities' images is cut into batches of ``batch_size``, the incomplete last one dropped.
+    So a pass shows every identity once, K images each (against all of an identity's images in
+    K-chunks for :class:`RandomIdentityBatchSampler`). With fewer than P identities, a batch
+    holds all of them (P becomes their number, with a warning) instead of none.
+
+    Args:
+        pids: the pid of every dataset index.
+        camids: the camera id of every dataset index.
+        batch_size: images per batch on this rank, P * K.
+        num_instances: K.
+        seed: run seed.
+        rank: see :class:`EpochBatchSampler`.
+        world_size: see :class:`EpochBatchSampler`.
+        sample_seeds: see :class:`EpochBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        pids: Sequence[int],
+        camids: Sequence[int],
+        batch_size: int,
+        num_instances: int,
+        seed: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        sample_seeds: bool = False,
+    ) -> None:
+        super().__init__(seed, rank, world_size, sample_seeds)
+        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
+            raise ValueError(
+                f"batch size {batch_size} must be a positive multiple of K = {num_instances}"
+            )
+        if len(camids) != len(pids):
+            raise ValueError(f"{len(pids)} pids but {len(camids)} camera ids")
+        self.num_instances = int(num_instances)
+        index_by_pid: dict[int, list[int]] = defaultdict(list)
+        for i, pid in enumerate(pids):
+            index_by_pid[int(pid)].append(i)
+        if not index_by_pid:
+            raise ValueError("cannot sample identity batches from an empty training split")
+        self.pids = sorted(index_by_pid)
+        self.batch_size = min(int(batch_size), len(self.pids) * self.num_instances)
+        if self.batch_size < batch_size:
+            logger.warning(
+                "only %d training identities, fewer than P = %d // %d: camera-aware batches hold "
+                "%d images",
+                len(self.pids),
+                batch_size,
+                num_instances,
+                self.batch_size,
+            )
+        cams = np.asarray(camids, dtype=np.int64)
+        self._index_by_pid = [np.asarray(index_by_pid[p], dtype=np.int64) for p in self.pids]
+        self._cams_by_pid = [cams[idxs] for idxs in self._index_by_pid]
+
+    def global_batches(self, rng: np.random.Generator) -> list[list[int]]:  # noqa: D102
+        k = self.num_instances
+        flat: list[int] = []
+        for ident in rng.permutation(len(self.pids)).tolist():
+            idxs, cams = self._index_by_pid[ident], self._cams_by_pid[ident]
+            anchor = int(rng.integers(len(idxs)))
+            flat.append(int(idxs[anchor]))
+            pool = np.flatnonzero(cams != cams[anchor])
+            if pool.size == 0:
+                pool = np.flatnonzero(np.arange(len(idxs)) != anchor)
+            if pool.size:
+                picks = rng.choice(pool, size=k - 1, replace=bool(pool.size < k))
+                flat += idxs[picks].tolist()
+        b = self.batch_size
+        usable = len(flat) - len(flat) % b
+        return [flat[i : i + b] for i in range(0, usable, b)]
 
 
 class ShuffleBatchSampler(EpochBatchSampler):

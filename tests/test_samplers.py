@@ -10,6 +10,7 @@ import pytest
 from datasets.build import build_train_sampler
 from datasets.image_dataset import SampleKey
 from datasets.samplers import (
+    CameraAwareIdentityBatchSampler,
     FixedLengthBatchSampler,
     RandomIdentityBatchSampler,
     ShuffleBatchSampler,
@@ -243,3 +244,101 @@ def test_build_train_sampler_iters_per_epoch():
     assert list(pk) == list(s)[:2]
     with pytest.raises(ValueError, match="ITERS_PER_EPOCH"):
         build_train_sampler(pids, "softmax", 8, 4, seed=0, world_size=1, iters_per_epoch=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Camera-aware P x K (DATALOADER.CAMERA_AWARE, ClusterContrast's RandomMultipleGallerySampler)
+# ------------------------------------------------------------------------------------------------
+def _groups(flat, pids, k):
+    """Split a pass into consecutive runs of one identity (the sampler emits one run per id)."""
+    runs, start = [], 0
+    for i in range(1, len(flat) + 1):
+        if i == len(flat) or pids[flat[i]] != pids[flat[start]] or i - start == k:
+            runs.append(flat[start:i])
+            start = i
+    return runs
+
+
+def test_camera_aware_pk_takes_companions_from_other_cameras():
+    # id 0: cameras 0,0,0,1,1,2 (6 images); id 1: one camera (5 images); id 2: one image;
+    # id 3: cameras 0,1,1,1,1 (5 images); ids 4-7: 4 images on 2 cameras.
+    spec = {0: [0, 0, 0, 1, 1, 2], 1: [3] * 5, 2: [1], 3: [0, 1, 1, 1, 1]}
+    spec.update({p: [0, 1, 0, 1] for p in range(4, 8)})
+    pids = [p for p, cams in spec.items() for _ in cams]
+    camids = [c for cams in spec.values() for c in cams]
+    k, batch = 3, 6
+    sampler = CameraAwareIdentityBatchSampler(pids, camids, batch, k, seed=0)
+    total = 7 * k + 1  # every identity once per pass; id 2 gives its anchor alone
+    for epoch in range(30):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == total // batch and all(len(b) == batch for b in batches)
+        flat = [i for b in batches for i in b]
+        runs = _groups(flat, pids, k)
+        seen = [pids[r[0]] for r in runs]
+        assert len(seen) == len(set(seen))  # no identity twice in a pass
+        for run in runs:
+            pid = pids[run[0]]
+            anchor, rest = run[0], run[1:]
+            if pid == 2:
+                assert rest == []
+                continue
+            if len(run) < k:  # the pass was cut at the last full batch
+                continue
+            if len(set(spec[pid])) > 1:
+                # Companions come from other cameras than the anchor's.
+                assert all(camids[i] != camids[anchor] for i in rest)
+            else:
+                assert anchor not in rest
+            others = sum(c != camids[anchor] for c in spec[pid]) or len(spec[pid]) - 1
+            if others >= k:  # enough: drawn without replacement
+                assert len(set(rest)) == len(rest)
+    sampler.set_epoch(3)
+    first = list(sampler)
+    again = CameraAwareIdentityBatchSampler(pids, camids, batch, k, seed=0)
+    again.set_epoch(3)
+    assert list(again) == first  # a function of (seed, epoch)
+
+
+def test_camera_aware_pk_replacement_rule_of_the_original():
+    # 1 anchor camera image + K - 1 = 3 other-camera images: fewer than K, so ClusterContrast
+    # draws them WITH replacement (duplicates happen); with K = 4 others, never.
+    def duplicates(cams):
+        sampler = CameraAwareIdentityBatchSampler([0] * len(cams), cams, 4, 4, seed=1)
+        count = 0
+        for epoch in range(200):
+            sampler.set_epoch(epoch)
+            (batch,) = list(sampler)
+            others = sum(c != cams[batch[0]] for c in cams)
+            if others == 3:
+                count += len(set(batch[1:])) < 3
+            elif others >= 4:
+                assert len(set(batch[1:])) == 3
+        return count
+
+    # The cam-0 anchor (1/4 of 200 epochs) has 3 others; 3 draws from 3 with replacement repeat
+    # one with probability 1 - 3! / 27 = 0.78: about 39 epochs.
+    assert 20 < duplicates([0, 1, 1, 1]) < 60
+    assert duplicates([0] * 4 + [1] * 4) == 0  # always 4 others
+
+
+def test_build_train_sampler_camera_aware():
+    pids = pid_list(COUNTS)
+    camids = [i % 3 for i in range(len(pids))]
+    s = build_train_sampler(
+        pids, "softmax_triplet", 8, 4, seed=0, world_size=1, camids=camids, camera_aware=True
+    )
+    assert isinstance(s, CameraAwareIdentityBatchSampler) and len(list(s)) == 8 * 4 // 8
+    with pytest.raises(ValueError, match="CAMERA_AWARE"):
+        build_train_sampler(
+            pids, "softmax", 8, 4, 0, world_size=1, camids=camids, camera_aware=True
+        )
+
+
+def test_camera_aware_pk_fewer_identities_than_p_still_yields_batches(caplog):
+    pids, camids = [0] * 4 + [1] * 4, [0, 1] * 4
+    with caplog.at_level(logging.WARNING, logger="datasets"):
+        sampler = CameraAwareIdentityBatchSampler(pids, camids, 16, 4, seed=0)
+    assert "only 2 training identities" in caplog.text and sampler.batch_size == 8
+    (batch,) = list(sampler)
+    assert sorted(Counter(pids[i] for i in batch).values()) == [4, 4]
