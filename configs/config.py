@@ -41,6 +41,7 @@ from processor.stage1 import STAGE1_MODES
 from solver.optimizer import OPTIMIZERS
 from solver.scheduler import WARMUP_METHODS
 from utils.checkpoint import write_text
+from utils.reranking import JACCARD_CONVENTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def config_choices() -> dict[str, list]:
         "MODEL.SIE_MODE": list(SIE_MODES),
         "MODEL.AMP_DTYPE": list(AMP_DTYPES),
         "MODEL.MEMORY_UPDATE": list(MEMORY_UPDATES),
+        "MODEL.CLUSTER_JACCARD": list(JACCARD_CONVENTIONS),
         "INPUT.RE_MODE": list(ERASE_MODES),
         "INPUT.TEST_INTERPOLATION": list(TEST_INTERPOLATIONS),
         "DATALOADER.SAMPLER": list(SAMPLERS),

@@ -67,14 +67,18 @@ _C.MODEL.MEMORY_MOMENTUM = 0.2
 _C.MODEL.MEMORY_UPDATE = "hard"
 # Unsupervised PCL-CLIP (METHOD 'pcl'): train on DBSCAN pseudo labels re-clustered every epoch.
 _C.MODEL.PCL_UNSUPERVISED = False
-# DBSCAN radius on the k-reciprocal Jaccard distance; 0.6 Market, 0.7 MSMT17 (USL recipes).
-_C.MODEL.CLUSTER_EPS = 0.6
+# DBSCAN radius on the Jaccard distance; 0 = the USL reproduction's (Market 0.5, MSMT17 0.7).
+_C.MODEL.CLUSTER_EPS = 0.0
 # DBSCAN min_samples (the point itself included); 4 as ClusterContrast.
 _C.MODEL.CLUSTER_MIN_SAMPLES = 4
 # k1 of the clustering Jaccard distance (k-reciprocal neighbourhood); 30 as ClusterContrast.
 _C.MODEL.CLUSTER_K1 = 30
 # k2 of the clustering Jaccard distance (local query expansion); 6 as ClusterContrast.
 _C.MODEL.CLUSTER_K2 = 6
+# Jaccard neighbour lists: 'clustercontrast' (k1 nearest, self included; USL) or 'reranking' (k1+1).
+_C.MODEL.CLUSTER_JACCARD = "clustercontrast"
+# Camera-aware proxies: one pseudo label per (cluster, camera), as CAP/O2CAP; off in the recipes.
+_C.MODEL.CLUSTER_CAMERA_PROXIES = False
 # Freeze the ViT patch embedding (conv1), the MoCo v3 stability trick PCL-CLIP uses; ViT only.
 _C.MODEL.FREEZE_PATCH_EMBED = False
 # Mixed precision on CUDA: 'fp16' (with a grad scaler, official), 'bf16' or 'fp32'. CPU runs fp32.

@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 # Bytes per item of the index arithmetic (indices, keys, permutation, values) in sparse passes.
 _ITEM_BYTES = 48
+# Neighbour-list conventions of the clustering Jaccard distance (MODEL.CLUSTER_JACCARD):
+# 'clustercontrast': the k1 nearest items, the item itself included (ClusterContrast's
+# compute_jaccard_distance, which the USL recipes run); 'reranking': k1 + 1 (Zhong et al.'s
+# re-ranking code, as the evaluation's re-ranking).
+JACCARD_CONVENTIONS = ("clustercontrast", "reranking")
 # Neighbours stored per row, as a multiple of k1 + 1: the distances of the k-reciprocal
 # expansion are then read from the neighbour pass, not recomputed (about 99% of them for 2x).
 _STORED_NEIGHBOURS = 2
@@ -579,6 +584,7 @@ def jaccard_distance_sparse(
     k2: int = 6,
     max_distance: float = 0.6,
     *,
+    convention: str = "clustercontrast",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -589,6 +595,14 @@ def jaccard_distance_sparse(
     above, over the N items of ``feats`` (no query/gallery split), except that
     ``V[i, j] = exp(-d(i, j))`` uses the plain squared Euclidean distance d (no division by the
     column maximum). With L2-normalised features d = 2 - 2 cos, as in the clustering recipes.
+
+    Neighbour lists (``convention``): ClusterContrast searches the k1 nearest items (the item
+    itself included) and cuts every list from those, so R(i, k1) is drawn from k1 items, the
+    half-size sets from ``min(round(k1 / 2) + 1, k1)`` and the query expansion from
+    ``min(k2, k1)``; the re-ranking convention draws R(i, k1) from k1 + 1 items. ClusterContrast
+    with k1 thus equals the re-ranking convention with k1 - 1 whenever ``round(k1 / 2)`` agrees
+    (k1 = 21 and 20 do, 30 and 29 do not).
+
     Only pairs with a distance of at most ``max_distance`` (< 1) are returned; every other pair
     shares no V mass or lies farther, so nothing N x N is ever stored.
 
@@ -597,6 +611,7 @@ def jaccard_distance_sparse(
         k1: k-reciprocal neighbourhood size (30 in ClusterContrast).
         k2: local query expansion size (6; 1 disables it).
         max_distance: largest Jaccard distance kept, in (0, 1) (the DBSCAN eps).
+        convention: 'clustercontrast' (k1 nearest, self included) or 'reranking' (k1 + 1).
         memory_budget_mb: working-memory budget (MiB) of each pass.
         show_progress: progress bar or log lines for the long passes.
 
@@ -610,12 +625,16 @@ def jaccard_distance_sparse(
         raise ValueError(f"feats must be a non-empty [N, D] tensor, got {tuple(feats.shape)}")
     if not 0.0 < max_distance < 1.0:
         raise ValueError(f"max_distance must be in (0, 1), got {max_distance}")
+    if convention not in JACCARD_CONVENTIONS:
+        raise ValueError(f"convention {convention!r}; valid: {list(JACCARD_CONVENTIONS)}")
     x = feats.detach().float()
     n = x.shape[0]
     sq = (x * x).sum(1)
-    k_full = min(int(k1) + 1, n)
-    k_half = min(round(k1 / 2) + 1, n)  # round() halves to even, like numpy's around
-    k_qe = min(int(k2), n)
+    # ClusterContrast cuts every list from its k1-nearest search; re-ranking ranks all N items.
+    searched = int(k1) if convention == "clustercontrast" else n
+    k_full = min(int(k1) + 1, searched, n)
+    k_half = min(round(k1 / 2) + 1, searched, n)  # round() halves to even, like numpy's around
+    k_qe = min(int(k2), searched, n)
     stored = min(n, max(_STORED_NEIGHBOURS * k_full, k_qe))
     knn, knn_dist, _ = _neighbours(x, sq, stored, memory_budget_mb, show_progress)
     # A unit "column maximum" turns the re-ranking weights into the unscaled exp(-d).
