@@ -197,7 +197,7 @@ class RandomIdentityBatchSampler(EpochBatchSampler):
         return batches
 
 
-class CameraAwareIdentityBatchSampler(EpochBatchSampler):
+class CameraAwareIdentityBatchSampler(RandomIdentityBatchSampler):
     """P x K batches whose K images of an identity span its cameras (``DATALOADER.CAMERA_AWARE``).
 
     ClusterContrast's ``RandomMultipleGallerySampler``, which the PCL-CLIP USL reproduction
@@ -206,10 +206,10 @@ class CameraAwareIdentityBatchSampler(EpochBatchSampler):
     anchor's (without replacement when there are at least K of them, else with replacement, as
     the original); an identity seen by one camera only draws them from its other images the same
     way, and an identity with a single image contributes the anchor alone. The sequence of all
-    identities' images is cut into batches of ``batch_size``, the incomplete last one dropped.
-    So a pass shows every identity once, K images each (against all of an identity's images in
-    K-chunks for :class:`RandomIdentityBatchSampler`). With fewer than P identities, a batch
-    holds all of them (P becomes their number, with a warning) instead of none.
+    identities' images is cut into batches of P * K, the incomplete last one dropped. So a pass
+    shows every identity once, K images each (against all of an identity's images in K-chunks
+    for :class:`RandomIdentityBatchSampler`). With fewer than P identities, P becomes their
+    number (a warning says so) instead of yielding no batch.
 
     Args:
         pids: the pid of every dataset index.
@@ -233,32 +233,11 @@ class CameraAwareIdentityBatchSampler(EpochBatchSampler):
         world_size: int | None = None,
         sample_seeds: bool = False,
     ) -> None:
-        super().__init__(seed, rank, world_size, sample_seeds)
-        if num_instances < 1 or batch_size < num_instances or batch_size % num_instances:
-            raise ValueError(
-                f"batch size {batch_size} must be a positive multiple of K = {num_instances}"
-            )
         if len(camids) != len(pids):
             raise ValueError(f"{len(pids)} pids but {len(camids)} camera ids")
-        self.num_instances = int(num_instances)
-        index_by_pid: dict[int, list[int]] = defaultdict(list)
-        for i, pid in enumerate(pids):
-            index_by_pid[int(pid)].append(i)
-        if not index_by_pid:
-            raise ValueError("cannot sample identity batches from an empty training split")
-        self.pids = sorted(index_by_pid)
-        self.batch_size = min(int(batch_size), len(self.pids) * self.num_instances)
-        if self.batch_size < batch_size:
-            logger.warning(
-                "only %d training identities, fewer than P = %d // %d: camera-aware batches hold "
-                "%d images",
-                len(self.pids),
-                batch_size,
-                num_instances,
-                self.batch_size,
-            )
+        super().__init__(pids, batch_size, num_instances, seed, rank, world_size, sample_seeds)
+        self.batch_size = self.num_identities * self.num_instances
         cams = np.asarray(camids, dtype=np.int64)
-        self._index_by_pid = [np.asarray(index_by_pid[p], dtype=np.int64) for p in self.pids]
         self._cams_by_pid = [cams[idxs] for idxs in self._index_by_pid]
 
     def global_batches(self, rng: np.random.Generator) -> list[list[int]]:  # noqa: D102

@@ -231,16 +231,9 @@ def test_float16_switch_reaches_the_evaluator():
     qn, gn = F.normalize(qf, dim=1).numpy(), F.normalize(gf, dim=1).numpy()
     official = dense_rerank_reference(qn, gn, 10, 4, 0.3)
     cmc, m_ap = eval_func(official, q_pids, g_pids, q_camids, g_camids)
-    result = evaluate_features(
-        qf,
-        gf,
-        q_pids,
-        g_pids,
-        q_camids,
-        g_camids,
-        rerank=RerankParams(10, 4, 0.3, float16=True),
-        show_progress=False,
-    )
+    ids = (q_pids, g_pids, q_camids, g_camids)
+    params = RerankParams(10, 4, 0.3, float16=True)
+    result = evaluate_features(qf, gf, *ids, rerank=params, show_progress=False)
     assert result.mAP == pytest.approx(m_ap, abs=1e-6)
     np.testing.assert_allclose(result.cmc, cmc, atol=1e-6)
 
