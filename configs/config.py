@@ -29,8 +29,9 @@ from configs.defaults import (
 from datasets.build import dataset_options
 from datasets.layouts import DATASETS
 from datasets.synthetic import SYNTHETIC_MODES
+from datasets.transforms import ERASE_MODES, TEST_INTERPOLATIONS
 from datasets.vehicleid import VEHICLEID
-from loss.build import SAMPLERS, TEXT_LOSSES
+from loss import MEMORY_UPDATES, SAMPLERS, TEXT_LOSSES
 from model.build import check_model_cfg
 from model.clip.arch import ARCHS
 from model.clip.vision import SIE_MODES
@@ -41,6 +42,7 @@ from processor.stage1 import STAGE1_MODES
 from solver.optimizer import OPTIMIZERS
 from solver.scheduler import WARMUP_METHODS
 from utils.checkpoint import write_text
+from utils.reranking import JACCARD_CONVENTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,10 @@ def config_choices() -> dict[str, list]:
         "MODEL.METHOD": RECIPES.names(),
         "MODEL.SIE_MODE": list(SIE_MODES),
         "MODEL.AMP_DTYPE": list(AMP_DTYPES),
+        "MODEL.MEMORY_UPDATE": list(MEMORY_UPDATES),
+        "MODEL.CLUSTER_JACCARD": list(JACCARD_CONVENTIONS),
+        "INPUT.RE_MODE": list(ERASE_MODES),
+        "INPUT.TEST_INTERPOLATION": list(TEST_INTERPOLATIONS),
         "DATALOADER.SAMPLER": list(SAMPLERS),
         "DATASETS.VEHICLEID_TEST_SIZE": list(VEHICLEID.test_sizes),
         "DATASETS.SYNTHETIC.MODE": list(SYNTHETIC_MODES),
@@ -320,6 +326,11 @@ def validate_cfg(cfg: CN) -> None:
             f"SOLVER.STAGE2.IMS_PER_BATCH = {batch} does not split into "
             f"SOLVER.STAGE2.GRAD_ACCUM_STEPS = {parts} micro-batches"
             + (f" of whole identities (DATALOADER.NUM_INSTANCE = {k})" if unit > 1 else "")
+        )
+    if cfg.DATALOADER.CAMERA_AWARE and cfg.DATALOADER.SAMPLER != "softmax_triplet":
+        raise ConfigError(
+            "DATALOADER.CAMERA_AWARE shapes P x K batches: it needs DATALOADER.SAMPLER "
+            f"'softmax_triplet', not {cfg.DATALOADER.SAMPLER!r}"
         )
     bad = sorted(set(cfg.SOLVER.STAGE2.TEXT_LOSSES) - set(TEXT_LOSSES))
     if bad:

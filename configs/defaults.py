@@ -63,16 +63,22 @@ _C.MODEL.PCL_LOSS_WEIGHT = 1.0
 _C.MODEL.PCL_TEMPERATURE = 0.05
 # PCL centroid momentum m (c <- m*c + (1-m)*x_hard); 0.2 as the official PCL-CLIP config.
 _C.MODEL.MEMORY_MOMENTUM = 0.2
+# PCL centroid update: 'hard' (hardest instance per ID, the paper's) or 'all' (ClusterContrast).
+_C.MODEL.MEMORY_UPDATE = "hard"
 # Unsupervised PCL-CLIP (METHOD 'pcl'): train on DBSCAN pseudo labels re-clustered every epoch.
 _C.MODEL.PCL_UNSUPERVISED = False
-# DBSCAN radius on the k-reciprocal Jaccard distance; 0.6 Market, 0.7 MSMT17 (USL recipes).
-_C.MODEL.CLUSTER_EPS = 0.6
+# DBSCAN radius on the Jaccard distance; 0 = the USL reproduction's (Market 0.5, MSMT17 0.7).
+_C.MODEL.CLUSTER_EPS = 0.0
 # DBSCAN min_samples (the point itself included); 4 as ClusterContrast.
 _C.MODEL.CLUSTER_MIN_SAMPLES = 4
 # k1 of the clustering Jaccard distance (k-reciprocal neighbourhood); 30 as ClusterContrast.
 _C.MODEL.CLUSTER_K1 = 30
 # k2 of the clustering Jaccard distance (local query expansion); 6 as ClusterContrast.
 _C.MODEL.CLUSTER_K2 = 6
+# Jaccard neighbour lists: 'clustercontrast' (k1 nearest, self included; USL) or 'reranking' (k1+1).
+_C.MODEL.CLUSTER_JACCARD = "clustercontrast"
+# Camera-aware proxies: one pseudo label per (cluster, camera), as CAP/O2CAP; off in the recipes.
+_C.MODEL.CLUSTER_CAMERA_PROXIES = False
 # Freeze the ViT patch embedding (conv1), the MoCo v3 stability trick PCL-CLIP uses; ViT only.
 _C.MODEL.FREEZE_PATCH_EMBED = False
 # Mixed precision on CUDA: 'fp16' (with a grad scaler, official), 'bf16' or 'fp32'. CPU runs fp32.
@@ -99,6 +105,10 @@ _C.INPUT.SIZE_TEST = [256, 128]
 _C.INPUT.PROB = 0.5
 # Random erasing probability (per-pixel noise boxes, as the official timm settings).
 _C.INPUT.RE_PROB = 0.5
+# Erasing: 'pixel' (timm noise, CLIP-ReID) or 'constant' (Zhong's PIXEL_MEAN fill, PCL-CLIP).
+_C.INPUT.RE_MODE = "pixel"
+# Test resize: 'bilinear' (CLIP-ReID's) or 'bicubic' (PCL-CLIP's); the train resize is bicubic.
+_C.INPUT.TEST_INTERPOLATION = "bilinear"
 # Zero padding before the random crop.
 _C.INPUT.PADDING = 10
 # Normalisation mean; the official ViT recipes use 0.5, the CNN recipes ImageNet's.
@@ -148,6 +158,10 @@ _C.DATALOADER.NUM_WORKERS = 8
 _C.DATALOADER.SAMPLER = "softmax_triplet"
 # K images per identity in a P x K batch.
 _C.DATALOADER.NUM_INSTANCE = 4
+# Batches per stage-2 epoch, restarting the sampler when it runs out (PCL-CLIP: 200); 0 = one pass.
+_C.DATALOADER.ITERS_PER_EPOCH = 0
+# P x K with an identity's K images from other cameras than its anchor's (ClusterContrast, USL).
+_C.DATALOADER.CAMERA_AWARE = False
 
 # ----------------------------------------------------------------------------------------------
 # SOLVER
@@ -248,6 +262,8 @@ _C.TEST.RE_RANKING_K1 = 50
 _C.TEST.RE_RANKING_K2 = 15
 # Re-ranking lambda: weight of the original distance.
 _C.TEST.RE_RANKING_LAMBDA = 0.3
+# Re-ranking in float16 as the official code (V and Jaccard; to compare with published numbers).
+_C.TEST.RE_RANKING_FLOAT16 = False
 # Checkpoint to evaluate with test_clipreid.py.
 _C.TEST.WEIGHT = ""
 # Eval feature: 'before' (pre-BN, every official YAML) or 'after' the BNNecks ('pcl': always after).
@@ -343,7 +359,7 @@ RANGES: dict[str, str] = {
     "MODEL.PCL_LOSS_WEIGHT": ">= 0",
     "MODEL.PCL_TEMPERATURE": "> 0",
     "MODEL.MEMORY_MOMENTUM": "[0, 1]",
-    "MODEL.CLUSTER_EPS": "(0, 1)",
+    "MODEL.CLUSTER_EPS": "[0, 1)",
     "MODEL.CLUSTER_MIN_SAMPLES": ">= 1",
     "MODEL.CLUSTER_K1": ">= 1",
     "MODEL.CLUSTER_K2": ">= 1",
@@ -362,6 +378,7 @@ RANGES: dict[str, str] = {
     "DATASETS.SYNTHETIC.SEED": ">= 0",
     "DATALOADER.NUM_WORKERS": ">= 0",
     "DATALOADER.NUM_INSTANCE": ">= 1",
+    "DATALOADER.ITERS_PER_EPOCH": ">= 0",
     "SOLVER.SEED": ">= 0",
     "SOLVER.MARGIN": ">= 0",
     "SOLVER.NONFINITE_MAX_SKIPS": ">= 0",

@@ -34,7 +34,13 @@ from datasets.bases import (
 )
 from datasets.image_dataset import ImageDataset, check_images_readable, collate_batch
 from datasets.layouts import DatasetOptions, get_layout
-from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
+from datasets.samplers import (
+    CameraAwareIdentityBatchSampler,
+    EpochBatchSampler,
+    FixedLengthBatchSampler,
+    RandomIdentityBatchSampler,
+    ShuffleBatchSampler,
+)
 from datasets.transforms import build_transforms
 from utils.dist import get_rank, get_world_size
 
@@ -211,7 +217,9 @@ class DataBundle:
         train_stage1: train set, test transforms, ``SOLVER.STAGE1.IMS_PER_BATCH``, in order
             (stage 1 caches one feature per image; labels travel with the features).
         train_stage2: train set, train transforms, P x K identity batches
-            (``DATALOADER.SAMPLER 'softmax_triplet'``) or shuffled batches ('softmax'); its
+            (``DATALOADER.SAMPLER 'softmax_triplet'``, camera-aware with
+            ``DATALOADER.CAMERA_AWARE``) or shuffled batches ('softmax'), one sampler pass or
+            ``DATALOADER.ITERS_PER_EPOCH`` batches per epoch; its
             ``batch_sampler`` has ``set_epoch``.
         val: query images then gallery images, test transforms, ``TEST.IMS_PER_BATCH``.
         train_eval: train set, test transforms, ``TEST.IMS_PER_BATCH``, in order.
@@ -293,7 +301,10 @@ def build_train_sampler(
     seed: int,
     rank: int | None = None,
     world_size: int | None = None,
-) -> RandomIdentityBatchSampler | ShuffleBatchSampler:
+    iters_per_epoch: int = 0,
+    camids: Sequence[int] | None = None,
+    camera_aware: bool = False,
+) -> EpochBatchSampler | FixedLengthBatchSampler:
     """The stage-2 batch sampler.
 
     Args:
@@ -304,6 +315,11 @@ def build_train_sampler(
         seed: run seed.
         rank: process rank (None: from torch.distributed).
         world_size: number of processes (None: from torch.distributed).
+        iters_per_epoch: batches per epoch, restarting the sampler when it runs out
+            (:class:`FixedLengthBatchSampler`); 0 = one pass of the sampler.
+        camids: camera id of every training index (needed by ``camera_aware``).
+        camera_aware: P x K batches whose images of an identity come from other cameras than
+            its anchor's (:class:`CameraAwareIdentityBatchSampler`); 'softmax_triplet' only.
 
     Returns:
         A batch sampler with ``set_epoch`` that yields ``SampleKey`` batches.
@@ -318,17 +334,30 @@ def build_train_sampler(
             f"SOLVER.STAGE2.IMS_PER_BATCH = {batch_size} does not split over {world_size} processes"
         )
     per_rank = batch_size // world_size
+    if iters_per_epoch < 0:
+        raise ValueError(f"DATALOADER.ITERS_PER_EPOCH = {iters_per_epoch} must be >= 0")
+    if camera_aware and (sampler != "softmax_triplet" or camids is None):
+        raise ValueError(
+            "DATALOADER.CAMERA_AWARE needs DATALOADER.SAMPLER 'softmax_triplet' (P x K batches) "
+            "and the camera ids of the training images"
+        )
+    one_pass: EpochBatchSampler
     if sampler == "softmax_triplet":
         if per_rank % num_instances:
             raise ValueError(
                 f"per-process batch {per_rank} is not a multiple of DATALOADER.NUM_INSTANCE = "
                 f"{num_instances}"
             )
-        return RandomIdentityBatchSampler(
-            pids, per_rank, num_instances, seed, rank, world_size, sample_seeds=True
-        )
-    if sampler == "softmax":
-        return ShuffleBatchSampler(
+        if camera_aware:
+            one_pass = CameraAwareIdentityBatchSampler(
+                pids, camids, per_rank, num_instances, seed, rank, world_size, sample_seeds=True
+            )
+        else:
+            one_pass = RandomIdentityBatchSampler(
+                pids, per_rank, num_instances, seed, rank, world_size, sample_seeds=True
+            )
+    elif sampler == "softmax":
+        one_pass = ShuffleBatchSampler(
             len(pids),
             per_rank,
             seed,
@@ -337,7 +366,11 @@ def build_train_sampler(
             world_size=world_size,
             sample_seeds=True,
         )
-    raise ValueError(f"DATALOADER.SAMPLER = {sampler!r}; valid: 'softmax_triplet', 'softmax'")
+    else:
+        raise ValueError(f"DATALOADER.SAMPLER = {sampler!r}; valid: 'softmax_triplet', 'softmax'")
+    if iters_per_epoch:
+        return FixedLengthBatchSampler(one_pass, iters_per_epoch)
+    return one_pass
 
 
 def build_dataloaders(cfg: CfgNode) -> DataBundle:
@@ -371,6 +404,9 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
             int(cfg.SOLVER.STAGE2.IMS_PER_BATCH),
             int(cfg.DATALOADER.NUM_INSTANCE),
             seed,
+            iters_per_epoch=int(cfg.DATALOADER.ITERS_PER_EPOCH),
+            camids=[r.camid for r in records],
+            camera_aware=bool(cfg.DATALOADER.CAMERA_AWARE),
         )
         return DataLoader(
             ImageDataset(records, train_tf, skip),

@@ -9,9 +9,17 @@ from .functional import (
     supcon_loss,
     triplet_loss,
 )
-from .pcl import PCLLoss, hard_centroid_update, pcl_loss, pid_centroids
+from .pcl import (
+    MEMORY_UPDATES,
+    PCLLoss,
+    hard_centroid_update,
+    pcl_loss,
+    pid_centroids,
+    sequential_centroid_update,
+)
 
 __all__ = [
+    "MEMORY_UPDATES",
     "PCLLoss",
     "SAMPLERS",
     "TEXT_LOSSES",
@@ -25,6 +33,7 @@ __all__ = [
     "i2t_logits",
     "pcl_loss",
     "pid_centroids",
+    "sequential_centroid_update",
     "stage1_loss",
     "supcon_loss",
     "triplet_loss",

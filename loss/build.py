@@ -200,7 +200,7 @@ def build_pcl_loss(cfg: Any, num_classes: int) -> PCLLoss:
     """Build the PCL-CLIP objective (``MODEL.METHOD 'pcl'``) from the config.
 
     Reads ``MODEL.{PCL_LOSS_WEIGHT, ID_LOSS_WEIGHT, PCL_TEMPERATURE, MEMORY_MOMENTUM,
-    IF_LABELSMOOTH, LABEL_SMOOTH_EPS}``. No triplet and no text term.
+    MEMORY_UPDATE, IF_LABELSMOOTH, LABEL_SMOOTH_EPS}``. No triplet and no text term.
 
     Args:
         cfg: yacs config.
@@ -218,6 +218,7 @@ def build_pcl_loss(cfg: Any, num_classes: int) -> PCLLoss:
         momentum=float(cfg.MODEL.MEMORY_MOMENTUM),
         label_smooth_eps=eps,
         num_classes=num_classes,
+        update=str(cfg.MODEL.MEMORY_UPDATE),
     )
     logger.info("loss: %s", loss.extra_repr())
     return loss

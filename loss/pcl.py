@@ -4,7 +4,9 @@ Li and Gong, "Prototypical Contrastive Learning-based CLIP Fine-tuning for Objec
 Re-identification" (arXiv 2310.17218), supervised setting. Every identity has one L2-normalised
 centroid of the 1280-d post-BN feature (ViT-B/16), rebuilt from the whole training set at the
 start of every epoch (:func:`pid_centroids`) and moved towards the hardest instance of its
-identity after every step (:func:`hard_centroid_update`). The loss is a cosine-softmax over all
+identity after every step (:func:`hard_centroid_update`; :func:`sequential_centroid_update`, the
+ClusterContrast update by every instance in turn, is the alternative of ``MODEL.MEMORY_UPDATE``).
+The loss is a cosine-softmax over all
 centroids (:func:`pcl_loss`); every other identity's centroid is a negative.
 
 The official code updates the centroids inside the backward pass of a custom autograd function;
@@ -25,7 +27,14 @@ from .functional import cross_entropy_label_smooth
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PCLLoss", "hard_centroid_update", "pcl_loss", "pid_centroids"]
+__all__ = [
+    "MEMORY_UPDATES",
+    "PCLLoss",
+    "hard_centroid_update",
+    "pcl_loss",
+    "pid_centroids",
+    "sequential_centroid_update",
+]
 
 
 def _check_feats_pids(feats: Tensor, pids: Tensor, what: str) -> None:
@@ -139,6 +148,54 @@ def hard_centroid_update(centroids: Tensor, feats: Tensor, pids: Tensor, momentu
     return out
 
 
+@torch.no_grad()
+def sequential_centroid_update(
+    centroids: Tensor, feats: Tensor, pids: Tensor, momentum: float
+) -> Tensor:
+    """Every-instance momentum update, one instance after the other (ClusterContrast's ``CM``).
+
+    For every instance i of the batch, in batch order:
+    ``c_{y_i} <- normalize(momentum * c_{y_i} + (1 - momentum) * normalize(x_i))``, so an
+    identity with several instances is moved by each of them in turn. This is the update of the
+    unofficial PCL-CLIP USL reproduction (and ClusterContrast) without ``--use-hard``; the
+    official PCL-CLIP code carries it unused. Identities are independent, so the loop runs over
+    the occurrence rank (K steps for K instances per identity), not over the batch.
+
+    Args:
+        centroids: ``(C, D)`` unit-norm centroids (not modified).
+        feats: ``(B, D)`` batch features (normalised here), any float dtype.
+        pids: ``(B,)`` int64 labels in ``[0, C)``.
+        momentum: weight m of the old centroid, in [0, 1] (0.1 in the USL reproduction).
+
+    Returns:
+        ``(C, D)`` float32 updated centroids (a new tensor).
+    """
+    _check_feats_pids(feats, pids, "feats")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    out = centroids.float().clone()
+    x = F.normalize(feats.float(), dim=1)
+    pids = pids.to(out.device).long()
+    if pids.numel() == 0:
+        return out
+    # Occurrence rank of each instance within its identity, in batch order.
+    order = torch.argsort(pids, stable=True)
+    sorted_pids = pids[order]
+    counts = torch.bincount(sorted_pids)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(pids)
+    rank[order] = torch.arange(len(pids), device=pids.device) - starts[sorted_pids]
+    for r in range(int(rank.max()) + 1):
+        step = (rank == r).nonzero().flatten()
+        ids = pids[step]
+        out[ids] = F.normalize(momentum * out[ids] + (1.0 - momentum) * x[step], dim=1)
+    return out
+
+
+# MODEL.MEMORY_UPDATE: how the centroids move after a step.
+MEMORY_UPDATES = {"hard": hard_centroid_update, "all": sequential_centroid_update}
+
+
 class PCLLoss(nn.Module):
     """PCL-CLIP objective with its centroid memory, as named weighted terms.
 
@@ -158,6 +215,8 @@ class PCLLoss(nn.Module):
         momentum: centroid momentum (``MODEL.MEMORY_MOMENTUM``).
         label_smooth_eps: label smoothing of the ID term (0 for plain CE).
         num_classes: number C of training identities.
+        update: centroid update after a step (``MODEL.MEMORY_UPDATE``): 'hard' (the hardest
+            instance of each identity, PCL-CLIP) or 'all' (every instance in turn, ClusterContrast).
     """
 
     def __init__(
@@ -168,6 +227,7 @@ class PCLLoss(nn.Module):
         momentum: float,
         label_smooth_eps: float,
         num_classes: int,
+        update: str = "hard",
     ) -> None:
         super().__init__()
         if pcl_weight < 0 or id_weight < 0 or pcl_weight + id_weight <= 0:
@@ -181,12 +241,15 @@ class PCLLoss(nn.Module):
             raise ValueError(f"MODEL.MEMORY_MOMENTUM must be in [0, 1], got {momentum}")
         if not 0.0 <= label_smooth_eps < 1.0:
             raise ValueError(f"label_smooth_eps must be in [0, 1), got {label_smooth_eps}")
+        if update not in MEMORY_UPDATES:
+            raise ValueError(f"MODEL.MEMORY_UPDATE = {update!r}; valid: {list(MEMORY_UPDATES)}")
         self.pcl_weight = float(pcl_weight)
         self.id_weight = float(id_weight)
         self.temperature = float(temperature)
         self.momentum = float(momentum)
         self.label_smooth_eps = float(label_smooth_eps)
         self.num_classes = int(num_classes)
+        self.update = update
         self.register_buffer("centroids", torch.empty(0, 0), persistent=False)
 
     def extra_repr(self) -> str:
@@ -194,7 +257,8 @@ class PCLLoss(nn.Module):
         return (
             f"pcl_weight={self.pcl_weight}, id_weight={self.id_weight}, "
             f"temperature={self.temperature}, momentum={self.momentum}, "
-            f"label_smooth_eps={self.label_smooth_eps}, num_classes={self.num_classes}"
+            f"label_smooth_eps={self.label_smooth_eps}, num_classes={self.num_classes}, "
+            f"update={self.update}"
         )
 
     @torch.no_grad()
@@ -219,16 +283,15 @@ class PCLLoss(nn.Module):
 
     @torch.no_grad()
     def update_memory(self, out: Any, pids: Tensor) -> None:
-        """Hard-instance momentum update after a training step (:func:`hard_centroid_update`).
+        """Momentum update after a training step (:data:`MEMORY_UPDATES` ``[update]``).
 
         Args:
             out: the model's training output (``embedding`` ``(B, D)``).
             pids: ``(B,)`` int64 labels.
         """
         self._check_memory(out)
-        self.centroids = hard_centroid_update(
-            self.centroids, out.embedding.detach(), pids, self.momentum
-        )
+        update = MEMORY_UPDATES[self.update]
+        self.centroids = update(self.centroids, out.embedding.detach(), pids, self.momentum)
 
     def _check_memory(self, out: Any) -> None:
         if getattr(out, "embedding", None) is None:

@@ -100,6 +100,7 @@ def build_eval_settings(cfg) -> EvalSettings:
             k1=cfg.TEST.RE_RANKING_K1,
             k2=cfg.TEST.RE_RANKING_K2,
             lambda_value=cfg.TEST.RE_RANKING_LAMBDA,
+            float16=cfg.TEST.RE_RANKING_FLOAT16,
         )
     return EvalSettings(
         feat_norm=cfg.TEST.FEAT_NORM,

@@ -27,7 +27,11 @@ from datasets import (
     register_dataset,
 )
 from datasets.build import build_dataloaders, build_datasets
-from datasets.samplers import RandomIdentityBatchSampler, ShuffleBatchSampler
+from datasets.samplers import (
+    FixedLengthBatchSampler,
+    RandomIdentityBatchSampler,
+    ShuffleBatchSampler,
+)
 from datasets.synthetic import generate_synthetic_reid
 from processor.evaluate import build_eval_settings, evaluate_bundle
 from tests.conftest import MeanColour
@@ -112,6 +116,29 @@ def test_softmax_sampler_is_a_seeded_shuffle(root):
     assert isinstance(sampler, ShuffleBatchSampler)
     assert len(b.train_stage2) == 24 // 8
     assert sorted(i.index for batch in sampler for i in batch) == list(range(24))
+
+
+def test_iters_per_epoch_fixes_the_stage2_length_also_after_relabelling(root):
+    cfg = synthetic_cfg(root)
+    one_pass = build_dataloaders(cfg).train_stage2
+    n_pass = len(one_pass)  # 4 ids x 6 images, P = 4, K = 2: 3 batches
+    assert n_pass == 3
+    cfg.DATALOADER.ITERS_PER_EPOCH = 7
+    b = build_dataloaders(cfg)
+    assert isinstance(b.train_stage2.batch_sampler, FixedLengthBatchSampler)
+    b.train_stage2.batch_sampler.set_epoch(1)
+    one_pass.batch_sampler.set_epoch(1)
+    batches = [x["paths"] for x in b.train_stage2]
+    assert len(b.train_stage2) == len(batches) == 7
+    # The first pass is the plain loader's epoch; the sampler then restarts.
+    assert batches[:n_pass] == [x["paths"] for x in one_pass]
+    assert batches[n_pass : 2 * n_pass] != batches[:n_pass]
+    # The relabelled loader of unsupervised training keeps the fixed length.
+    loader = b.set_train_labels(list(range(16)), [i // 4 for i in range(16)])
+    assert isinstance(loader.batch_sampler, FixedLengthBatchSampler)
+    assert len(loader) == len(list(loader)) == 7
+    with pytest.raises(ConfigError, match="ITERS_PER_EPOCH"):
+        load_cfg(None, ["DATALOADER.ITERS_PER_EPOCH", "-1"])
 
 
 def test_vehicleid_trials(tmp_path):

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 import test_clipreid
 import train_clipreid
 from configs.config import ConfigError, load_cfg
-from loss import PCLLoss, build_pcl_loss, hard_centroid_update, pcl_loss, pid_centroids
+from loss import (
+    PCLLoss,
+    build_pcl_loss,
+    hard_centroid_update,
+    pcl_loss,
+    pid_centroids,
+    sequential_centroid_update,
+)
 from model import build_model, get_arch
 from model.loading import CheckpointMismatchError, load_reid_checkpoint
 from processor.recipes import PCLCLIP, RECIPES, register_recipe
@@ -100,6 +107,49 @@ def test_hard_centroid_update_takes_the_lowest_cosine_and_the_first_on_ties():
     torch.testing.assert_close(got[0], expected)
     easiest = F.normalize(0.2 * c[0] + 0.8 * feats[2], dim=0)
     assert not torch.allclose(got[0], easiest)
+
+
+def _clustercontrast_cm_update(centroids, feats, pids, m):
+    """ClusterContrast's CM backward update, as published: instance by instance, in order."""
+    features = centroids.clone().double()
+    inputs = F.normalize(feats.double(), dim=1)
+    for x, y in zip(inputs, pids, strict=True):
+        features[y] = m * features[y] + (1.0 - m) * x
+        features[y] /= features[y].norm()
+    return features.float()
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.0, 0.5, 1.0])
+def test_sequential_centroid_update_matches_clustercontrast(momentum):
+    g = torch.Generator().manual_seed(4)
+    centroids = F.normalize(torch.randn(6, 5, generator=g), dim=1)
+    feats = torch.randn(12, 5, generator=g) * 2.0
+    pids = torch.tensor([2, 0, 2, 5, 0, 2, 1, 5, 5, 2, 0, 1])  # 3 and 4 absent; 2 four times
+    before = centroids.clone()
+    got = sequential_centroid_update(centroids, feats, pids, momentum)
+    torch.testing.assert_close(got, _clustercontrast_cm_update(centroids, feats, pids, momentum))
+    assert torch.equal(centroids, before)
+    torch.testing.assert_close(got[[3, 4]], before[[3, 4]], rtol=0, atol=0)
+    if 0 < momentum < 1:
+        # Order matters for an identity seen several times, and the update differs from 'hard'.
+        flipped = sequential_centroid_update(centroids, feats.flip(0), pids.flip(0), momentum)
+        assert not torch.allclose(flipped[2], got[2])
+        assert not torch.allclose(hard_centroid_update(centroids, feats, pids, momentum), got)
+
+
+def test_memory_update_switch_selects_the_update():
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(6, 8, generator=g)
+    out = type("Out", (), {"embedding": emb, "cls_scores": [torch.randn(6, 3, generator=g)]})()
+    pids = torch.tensor([0, 1, 2, 0, 1, 2])
+    for update, fn in (("hard", hard_centroid_update), ("all", sequential_centroid_update)):
+        cfg = load_cfg(None, ["MODEL.METHOD", "pcl", "MODEL.MEMORY_UPDATE", update], freeze=False)
+        criterion = build_pcl_loss(cfg, num_classes=3)
+        bank = criterion.build_memory(torch.randn(6, 8, generator=g), pids)
+        criterion.update_memory(out, pids)
+        torch.testing.assert_close(criterion.centroids, fn(bank, emb, pids, 0.2))
+    with pytest.raises(ConfigError, match="MODEL.MEMORY_UPDATE"):
+        load_cfg(None, ["MODEL.METHOD", "pcl", "MODEL.MEMORY_UPDATE", "easy"])
 
 
 def test_pid_centroids_match_brute_force_mean():
@@ -223,12 +273,20 @@ def test_shipped_pcl_config_carries_the_official_recipe():
     assert m.MEMORY_MOMENTUM == 0.2 and m.IF_LABELSMOOTH and list(m.STRIDE_SIZE) == [16, 16]
     # Batch 256 = 32 identities x 8 images.
     assert s2.IMS_PER_BATCH == 256 and cfg.DATALOADER.NUM_INSTANCE == 8
+    # A fixed 200 iterations per epoch (the official SOLVER.ITERS): 12,000 in 60 epochs.
+    assert cfg.DATALOADER.ITERS_PER_EPOCH * s2.MAX_EPOCHS == 12000
     assert (s2.OPTIMIZER_NAME, s2.BASE_LR, s2.MOMENTUM) == ("SGD", 3.5e-4, 0.9)
     assert s2.WEIGHT_DECAY == s2.WEIGHT_DECAY_BIAS == 5e-4
     assert s2.BIAS_LR_FACTOR == 1.0 and not s2.LARGE_FC_LR
     assert (s2.MAX_EPOCHS, list(s2.STEPS), s2.GAMMA) == (60, [30, 50], 0.1)
     assert (s2.WARMUP_ITERS, s2.WARMUP_FACTOR, s2.WARMUP_METHOD) == (10, 0.1, "linear")
     assert list(cfg.INPUT.SIZE_TRAIN) == [256, 128] and list(cfg.INPUT.PIXEL_MEAN) == [0.5] * 3
+    # PCL-CLIP's transforms: bicubic test resize, Zhong's constant-fill random erasing.
+    assert (cfg.INPUT.TEST_INTERPOLATION, cfg.INPUT.RE_MODE, cfg.INPUT.RE_PROB) == (
+        "bicubic",
+        "constant",
+        0.5,
+    )
     assert cfg.TEST.NECK_FEAT == "after" and cfg.TEST.FEAT_NORM and cfg.TEST.IMS_PER_BATCH == 64
 
 

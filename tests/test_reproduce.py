@@ -276,8 +276,9 @@ def test_all_rows_are_unique_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     res = main(["--rows", "all", "--dry-run", "--root", str(tmp_path)])
     # Table 2: 20, Table 3: 10, Table 5: +2 one-stage, Table 6: +3, Table 7: +3,
-    # Table 8: +2 (average on MSMT17 and Market), tokens: +2. Shared runs are planned once.
-    assert len(res["runs"]) == len(set(res["runs"])) == 42
+    # Table 8: +2 (average on MSMT17 and Market), tokens: +2, PCL-CLIP: +6 (2 rows x 3 datasets).
+    # Shared runs are planned once.
+    assert len(res["runs"]) == len(set(res["runs"])) == 48
 
 
 def test_runs_train_then_test_and_resume(tmp_path, monkeypatch):
@@ -395,5 +396,34 @@ def test_docs_commands_are_the_tools_commands(monkeypatch):
                     planned.add(shlex.join(["python", "train_clipreid.py", *run.train_argv]))
                     planned.add(shlex.join(["python", "test_clipreid.py", *run.test_argv]))
     # Every run once (a shared run is listed where it first appears), nothing else.
-    assert len(documented) == len(set(documented)) == len(planned) == 2 * 42
+    assert len(documented) == len(set(documented)) == len(planned) == 2 * 48
     assert set(documented) == planned
+
+
+def test_pcl_rows_plan_six_runs_with_the_papers_known_numbers(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    res = main(["--rows", "pcl", "--dry-run", "--root", str(tmp_path), "--dataset-root", "data"])
+    expected = [
+        os.path.join(str(tmp_path), *cfg.split("/"), dataset, "seed1234")
+        for cfg in ("person/vit_pcl", "person/vit_pcl_noid")
+        for dataset in ("msmt17", "market1501")
+    ]
+    expected[2:2] = [os.path.join(str(tmp_path), "veri", "vit_pcl", "veri", "seed1234")]
+    expected.append(os.path.join(str(tmp_path), "veri", "vit_pcl_noid", "veri", "seed1234"))
+    assert res["runs"] == expected
+    _write_run(
+        str(tmp_path / "person" / "vit_pcl" / "market1501" / "seed1234"),
+        {"mAP": 0.9131, "rank1": 0.9581},
+        "market1501",
+        1234,
+    )
+    text = main(["--rows", "pcl", "--table-only", "--root", str(tmp_path)])["markdown"]
+    assert _row(text, "PCL + 0.25 ID (PCL-CLIP)")[1:] == [
+        "–",
+        "76.1 / 89.8",
+        "91.3 / 95.8 (1 seed)",  # 91.31 -> 91.3, 95.81 -> 95.8
+        "91.4 / 95.9",
+        "–",
+        "82.5 / 97.1",
+    ]
+    assert _row(text, "PCL only")[1:] == ["–"] * 6  # the PCL-only numbers are unknown

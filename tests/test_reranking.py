@@ -5,10 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.eval_scale import dense_rerank_reference
 from configs.defaults import get_cfg_defaults
 from processor.evaluate import build_eval_settings
 from utils.metrics import eval_func, evaluate_features
-from utils.reranking import RerankParams, k_reciprocal_rerank_chunks, re_ranking
+from utils.reranking import (
+    RerankParams,
+    _half_sums_in_order,
+    k_reciprocal_rerank_chunks,
+    re_ranking,
+)
 
 
 def textbook_re_ranking(qf, gf, k1, k2, lambda_value):
@@ -165,6 +171,73 @@ def test_evaluator_topk_lists_follow_the_reranked_distances():
         np.testing.assert_allclose(result.topk_distances[qi], dense[qi, order], atol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------------
+# TEST.RE_RANKING_FLOAT16: the official code's float16 storage and arithmetic
+# ------------------------------------------------------------------------------------------------
+def _scaled_original(qf, gf):
+    x = np.concatenate([qf, gf]).astype(np.float64)
+    sq = (x**2).sum(1)
+    dist = sq[:, None] + sq[None, :] - 2.0 * x @ x.T
+    return (dist / dist.max(axis=0)).T[: len(qf), len(qf) :]
+
+
+@pytest.mark.parametrize(
+    "k1,k2,lambda_value", [(20, 6, 0.3), (10, 1, 0.3), (9, 3, 0.25), (50, 15, 0.3)]
+)
+def test_float16_reproduces_the_official_float16_computation(k1, k2, lambda_value):
+    qf, gf, _, _ = clustered_features(seed=k1 + k2, num_q=20, num_g=80)
+    q, g = qf.numpy(), gf.numpy()
+    # The official algorithm, dense, with its float16 V, float16 sums and float16 Jaccard.
+    official = dense_rerank_reference(q, g, k1, k2, lambda_value)
+    half = re_ranking(q, g, k1, k2, lambda_value, float16=True)
+    full = re_ranking(q, g, k1, k2, lambda_value)
+    # Pairs sharing V mass (Jaccard < 1); the others are 1 in every precision.
+    jaccard = (official - lambda_value * _scaled_original(q, g)) / (1 - lambda_value)
+    shared = jaccard < 0.999
+    assert shared.sum() >= 300
+    err_half, err_full = np.abs(half - official)[shared], np.abs(full - official)[shared]
+    # float16: the same numbers, except a rare V weight on the other side of a float16
+    # rounding boundary (float32 noise before the rounding): a few float16 steps at most.
+    assert (err_half < 1e-6).mean() >= 0.99 and err_half.max() <= 1e-3
+    # float32 differs almost everywhere, by up to a few 1e-3.
+    assert (err_full < 1e-6).mean() < 0.05 and err_full.max() > 5e-4
+    # Blocks (one query per block) give the same float16 result (the float32 original distance
+    # of a smaller matrix product may differ in its last bit).
+    blocks = k_reciprocal_rerank_chunks(
+        qf, gf, k1, k2, lambda_value, memory_budget_mb=1e-4, show_progress=False, float16=True
+    )
+    blocks = np.concatenate([b.numpy().copy() for b in blocks])
+    np.testing.assert_allclose(blocks, half, rtol=0, atol=2e-7)
+
+
+def test_half_sums_accumulate_in_float16_in_the_given_order():
+    # 2048 + 1 + 1 in float16: 2048 + 1 rounds back to 2048 (ties to even) each time, so the
+    # sum in order is 2048; 1 + 1 + 2048 is 2050 (exactly representable).
+    segments = torch.tensor([0, 0, 0, 1, 1, 1, 2])
+    values = torch.tensor([2048.0, 1.0, 1.0, 1.0, 1.0, 2048.0, 0.5])
+    sums = _half_sums_in_order(segments, values, 4)
+    assert sums.dtype == torch.float16
+    assert sums.tolist() == [2048.0, 2050.0, 0.5, 0.0]
+
+
+def test_float16_switch_reaches_the_evaluator():
+    cfg = get_cfg_defaults()
+    cfg.TEST.RE_RANKING, cfg.TEST.RE_RANKING_FLOAT16 = True, True
+    params = build_eval_settings(cfg).rerank
+    assert params == RerankParams(50, 15, 0.3, float16=True)
+    qf, gf, q_pids, g_pids = clustered_features(seed=16, num_q=20, num_g=80)
+    q_camids = np.zeros(len(q_pids), dtype=np.int64)
+    g_camids = np.ones(len(g_pids), dtype=np.int64)
+    qn, gn = F.normalize(qf, dim=1).numpy(), F.normalize(gf, dim=1).numpy()
+    official = dense_rerank_reference(qn, gn, 10, 4, 0.3)
+    cmc, m_ap = eval_func(official, q_pids, g_pids, q_camids, g_camids)
+    ids = (q_pids, g_pids, q_camids, g_camids)
+    params = RerankParams(10, 4, 0.3, float16=True)
+    result = evaluate_features(qf, gf, *ids, rerank=params, show_progress=False)
+    assert result.mAP == pytest.approx(m_ap, abs=1e-6)
+    np.testing.assert_allclose(result.cmc, cmc, atol=1e-6)
+
+
 def test_jaccard_identity_for_rows_summing_to_one():
     # With rows summing to 1, sum(max) = 2 - sum(min), so 1 - s / (2 - s) is the Jaccard distance.
     rng = np.random.default_rng(0)
@@ -195,3 +268,8 @@ def test_gpu_matches_cpu():
     cpu = re_ranking(qf, gf, 12, 5, 0.3)
     gpu = re_ranking(qf.cuda(), gf.cuda(), 12, 5, 0.3)
     np.testing.assert_allclose(gpu, cpu, atol=1e-5)
+    # float16: the same operations in the same order on either device.
+    cpu = re_ranking(qf, gf, 12, 5, 0.3, float16=True)
+    gpu = re_ranking(qf.cuda(), gf.cuda(), 12, 5, 0.3, float16=True)
+    close = np.abs(gpu - cpu) < 1e-6
+    assert close.mean() >= 0.99 and np.abs(gpu - cpu).max() <= 1e-3

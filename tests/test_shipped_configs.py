@@ -51,8 +51,16 @@ COUNTERPARTS = {
         ["MODEL.STRIDE_SIZE", "[12, 12]"],
     ),
 }
-# Configs of other methods than CLIP-ReID (no official CLIP-ReID file, no paper-table row).
-OTHER_METHODS = {"person/vit_pcl.yml", "person/vit_pcl_usl.yml"}
+# Configs of other methods than CLIP-ReID (no official CLIP-ReID file).
+OTHER_METHODS = {
+    "person/vit_pcl.yml",
+    "person/vit_pcl_noid.yml",
+    "person/vit_pcl_usl.yml",
+    "veri/vit_pcl.yml",
+    "veri/vit_pcl_noid.yml",
+}
+# Configs without a row in tools/paper_tables.yaml (the PCL-CLIP USL numbers are unverified).
+UNTABULATED = {"person/vit_pcl_usl.yml"}
 # How often weights are saved changes nothing in training; ours save more often than the
 # official files (which save only at the end).
 BOOKKEEPING = {"SOLVER.STAGE1.CHECKPOINT_PERIOD", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "OUTPUT_DIR"}
@@ -377,4 +385,4 @@ def test_every_paper_config_is_in_the_registry():
         for p in SHIPPED
         if os.sep + "demo" + os.sep not in p
     }
-    assert paper - {f"configs/{rel}" for rel in OTHER_METHODS} == used
+    assert paper - {f"configs/{rel}" for rel in UNTABULATED} == used

@@ -1,4 +1,5 @@
-"""The CLIP-ReID paper's tables (data in ``paper_tables.yaml``) and our results beside them.
+"""The CLIP-ReID paper's tables and the PCL-CLIP rows (data in ``paper_tables.yaml``) and our
+results beside them.
 
 A table is a list of rows; each cell names the config that produces it and the paper's two
 numbers. Finished runs are found below a run-folder root by their config (:func:`config_key`) and
@@ -469,7 +470,7 @@ def render_markdown(
         "Our numbers are the mean ± sample standard deviation over the seeds shown, in %, "
         "from each run's test_metrics.json (single query, no re-ranking unless a cell says "
         'so); "–" marks a run that has not finished. "paper" is the number published in the '
-        "CLIP-ReID paper.\n"
+        "CLIP-ReID paper (PCL-CLIP rows: in the PCL-CLIP paper, as the table's note says).\n"
     )
     return intro + "".join("\n" + render_table(t, runs, seeds) for t in tables)
 

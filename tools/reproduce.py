@@ -1,4 +1,4 @@
-"""Reproduce the tables of the CLIP-ReID paper: train and test every row, then tabulate.
+"""Reproduce the tables of the CLIP-ReID paper (and the PCL-CLIP rows): train, test, tabulate.
 
 Each (config, dataset, seed) gets its own run folder ``ROOT/<config>/<dataset>/seed<k>``, where
 ``<config>`` is the config's path below ``configs/`` without the extension (for example
@@ -17,7 +17,8 @@ Usage (from the repository root):
     python -m tools.reproduce --rows all --table-only --root runs  # tabulate finished runs
     python -m tools.reproduce --rows table2 MODEL.AMP_DTYPE bf16   # extra KEY VALUE overrides
 
-Row groups: table2, table3, table5, table6, table7, table8, tokens (``tabN`` also works), all.
+Row groups: table2, table3, table5, table6, table7, table8, tokens (``tabN`` also works), pcl
+(PCL-CLIP, supervised), all.
 """
 
 from __future__ import annotations
@@ -200,8 +201,9 @@ def _release_memory() -> None:
 # ------------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = make_parser(
-        "Train and test the CLIP-ReID paper's table rows; write a markdown table. Extra KEY "
-        "VALUE config overrides (e.g. MODEL.AMP_DTYPE bf16) apply to every run.",
+        "Train and test the CLIP-ReID paper's table rows (and the PCL-CLIP rows); write a "
+        "markdown table. Extra KEY VALUE config overrides (e.g. MODEL.AMP_DTYPE bf16) apply to "
+        "every run.",
         prog="python -m tools.reproduce",
         config=None,
     )

@@ -38,7 +38,7 @@ from yacs.config import CfgNode
 from configs.config import load_cfg
 from datasets.bases import IMAGE_EXTENSIONS, CorruptImageError, ImageRecord
 from datasets.image_dataset import ImageDataset, collate_batch
-from datasets.transforms import build_test_transform
+from datasets.transforms import build_transforms
 from model.loading import build_model_from_checkpoint
 from model.reid_model import ReIDModel
 from processor.evaluate import build_eval_settings, extract_features
@@ -211,8 +211,7 @@ def compute_features(
         SearchError: an image cannot be read (the message names it).
     """
     _check_sie_ids(cfg, model, camid, viewid)
-    i = cfg.INPUT
-    transform = build_test_transform(i.SIZE_TEST, i.PIXEL_MEAN, i.PIXEL_STD)
+    _, transform = build_transforms(cfg)  # the test transform of the run's config
     records = [ImageRecord(p, 0, camid or 0, viewid or 0) for p in paths]
     workers = min(int(cfg.DATALOADER.NUM_WORKERS), max(1, len(paths) // 64))
     loader = DataLoader(

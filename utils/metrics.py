@@ -461,6 +461,7 @@ def evaluate_features(
             rerank.lambda_value,
             memory_budget_mb=memory_budget_mb / 2,
             show_progress=show_progress,
+            float16=rerank.float16,
         )
     else:
         blocks = distance_chunks(qf, gf, block_rows(gf.shape[0], memory_budget_mb))

@@ -22,9 +22,11 @@ at a time through an inverted (column) index of the gallery rows of V, and each 
 straight to the chunked evaluator.
 
 Differences from the official code: V and the Jaccard distance are kept in float32 (the official
-code stores them in float16, so values agree to about 1e-3); the neighbour lists are read from
-the rows of the (symmetric) distance matrix; items at exactly equal distance at the edge of a
-neighbour list are cut in an unspecified order, as with the official (unstable) argsort.
+code stores them in float16, so values agree to about 1e-3; ``float16=True`` reproduces its
+float16 storage and arithmetic, for comparing with published re-ranked numbers); the neighbour
+lists are read from the rows of the (symmetric) distance matrix; items at exactly equal distance
+at the edge of a neighbour list are cut in an unspecified order, as with the official (unstable)
+argsort.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ logger = logging.getLogger(__name__)
 
 # Bytes per item of the index arithmetic (indices, keys, permutation, values) in sparse passes.
 _ITEM_BYTES = 48
+# Neighbour-list conventions of the clustering Jaccard distance (MODEL.CLUSTER_JACCARD):
+# 'clustercontrast': the k1 nearest items, the item itself included (ClusterContrast's
+# compute_jaccard_distance, which the USL recipes run); 'reranking': k1 + 1 (Zhong et al.'s
+# re-ranking code, as the evaluation's re-ranking).
+JACCARD_CONVENTIONS = ("clustercontrast", "reranking")
 # Neighbours stored per row, as a multiple of k1 + 1: the distances of the k-reciprocal
 # expansion are then read from the neighbour pass, not recomputed (about 99% of them for 2x).
 _STORED_NEIGHBOURS = 2
@@ -61,11 +68,14 @@ class RerankParams:
         k1: size of the k-reciprocal neighbourhood.
         k2: neighbours averaged by local query expansion (1 disables it).
         lambda_value: weight of the original distance in the final distance.
+        float16: store V and compute the Jaccard distance in float16 as the official code
+            (``TEST.RE_RANKING_FLOAT16``); False keeps float32.
     """
 
     k1: int
     k2: int
     lambda_value: float
+    float16: bool = False
 
     def __post_init__(self) -> None:
         _check_params(self.k1, self.k2, self.lambda_value)
@@ -289,6 +299,52 @@ def _expanded_weights(
     )
 
 
+def _round_to_half(v: _SparseRows) -> _SparseRows:
+    """V with its values rounded to float16 (the official code's storage), kept as float32."""
+    return _SparseRows(v.ptr, v.cols, v.vals.half().float())
+
+
+def _sort_row_entries(v: _SparseRows, n: int) -> _SparseRows:
+    """V with each row's entries in increasing column order (the official summation order)."""
+    lengths = v.row_lengths()
+    rows = torch.repeat_interleave(
+        torch.arange(len(lengths), device=v.cols.device), lengths, output_size=len(v.cols)
+    )
+    order = torch.argsort(rows * n + v.cols)
+    return _SparseRows(v.ptr, v.cols[order], v.vals[order])
+
+
+def _half_sums_in_order(segments: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-segment sums accumulated in float16, item by item in the given order.
+
+    The official code adds the terms of each Jaccard sum one at a time to a float16 array
+    (every partial sum rounded to float16); this does the same for all segments at once, one
+    step per position inside the segments.
+
+    Args:
+        segments: int64 [P] segment of each item, in [0, size).
+        values: float [P] items, in summation order within each segment.
+        size: number of segments.
+
+    Returns:
+        float16 [size] sums (0 for empty segments).
+    """
+    order = torch.argsort(segments, stable=True)
+    seg, vals = segments[order], values[order].half()
+    counts = torch.bincount(seg, minlength=size)
+    position = torch.arange(len(seg), device=seg.device) - (torch.cumsum(counts, 0) - counts)[seg]
+    by_position = torch.argsort(position, stable=True)
+    steps = torch.bincount(position).tolist() if len(position) else []
+    acc = torch.zeros(size, dtype=torch.float16, device=values.device)
+    start = 0
+    for count in steps:
+        idx = by_position[start : start + count]
+        target = seg[idx]
+        acc[target] = acc[target] + vals[idx]
+        start += count
+    return acc
+
+
 def _query_expansion(v: _SparseRows, nn_qe: torch.Tensor, budget_mb: float) -> _SparseRows:
     """Replace each row of V by the mean of the rows of its k2 nearest neighbours."""
     n, k2 = nn_qe.shape
@@ -339,6 +395,7 @@ def k_reciprocal_rerank_chunks(
     *,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = True,
+    float16: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Re-ranked query x gallery distances, one query chunk at a time (sparse and exact).
 
@@ -354,6 +411,10 @@ def k_reciprocal_rerank_chunks(
         memory_budget_mb: working-memory budget (MiB) of each pass, on top of the features and
             the sparse neighbour structures.
         show_progress: progress bar or log lines for the long passes.
+        float16: the official code's float16 storage: V rounded to float16 (before and after
+            the query expansion), the shared mass summed in float16 in the official order and
+            the Jaccard distance computed in float16; the final sum with the original distance
+            is float32, as there.
 
     Returns:
         An iterator of float32 [c_i, G] blocks of final distances covering the queries in order.
@@ -367,7 +428,7 @@ def k_reciprocal_rerank_chunks(
     if qf.shape[0] == 0 or gf.shape[0] == 0:
         raise ValueError("empty query or gallery set")
     return _rerank_blocks(
-        qf, gf, int(k1), int(k2), float(lambda_value), memory_budget_mb, show_progress
+        qf, gf, int(k1), int(k2), float(lambda_value), memory_budget_mb, show_progress, float16
     )
 
 
@@ -378,12 +439,16 @@ def _shared_mass_blocks(
     num_g: int,
     budget_mb: float,
     work: _Workspace,
+    half: bool = False,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Shared mass s(i, j) = sum_k min(V[i, k], V[Q + j, k]) of every query row i and gallery j.
 
+    With ``half``, each sum is accumulated in float16 in increasing column order, as the official
+    code does (V's rows must then list their columns in increasing order).
+
     Yields:
-        (start, stop, acc): query rows [start, stop) and float32 [stop - start, G] sums, a
-        reused workspace buffer (consume it before asking for the next block).
+        (start, stop, acc): query rows [start, stop) and float32 [stop - start, G] sums (float16
+        with ``half``), a reused workspace buffer (consume it before asking for the next block).
     """
     col_len = columns.row_lengths()
     # Per query entry (row i, column k, value a): the gallery entries of column k are paired with
@@ -409,6 +474,12 @@ def _shared_mass_blocks(
         torch.minimum(shared, other, out=shared)
         gallery_rows = work.get("gallery_rows", total, torch.int64)
         torch.index_select(columns.cols, 0, index, out=gallery_rows)
+        if half:
+            local = torch.repeat_interleave(
+                torch.arange(c, device=index.device), pairs_per_row[start:stop], output_size=total
+            )
+            yield start, stop, _half_sums_in_order(local * num_g + gallery_rows, shared, c * num_g)
+            continue
         acc = work.get("acc", c * num_g, torch.float32).view(c, num_g).zero_()
         bounds = (pair_ptr[start : stop + 1] - pair_ptr[start]).tolist()
         for r in range(c):  # one accumulation per query row: no per-pair row index needed
@@ -417,7 +488,7 @@ def _shared_mass_blocks(
         yield start, stop, acc
 
 
-def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress):
+def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress, float16):
     num_q, num_g = qf.shape[0], gf.shape[0]
     x = torch.cat([qf.detach().float(), gf.detach().float()])
     n = x.shape[0]
@@ -431,22 +502,47 @@ def _rerank_blocks(qf, gf, k1, k2, lambda_value, memory_budget_mb, show_progress
         x, sq, colmax, knn, knn_dist, k_full, k_half, memory_budget_mb, show_progress
     )
     del knn_dist
+    if float16:
+        v = _round_to_half(v)
     if k2 != 1:
         v = _query_expansion(v, knn[:, :k_qe].contiguous(), memory_budget_mb)
+        if float16:
+            v = _round_to_half(v)
+    elif float16:
+        v = _sort_row_entries(v, n)  # the query expansion sorts them otherwise
     del knn
     columns = _gallery_columns(v, num_q, n)
     xq, xg, sq_q, sq_g = x[:num_q], x[num_q:], sq[:num_q], sq[num_q:]
     work = _Workspace(x.device)
-    for start, stop, acc in _shared_mass_blocks(v, columns, num_q, num_g, memory_budget_mb, work):
+    blocks = _shared_mass_blocks(v, columns, num_q, num_g, memory_budget_mb, work, float16)
+    for start, stop, acc in blocks:
         c = stop - start
-        # Jaccard distance 1 - s / (2 - s), then the weighted sum with the original distance.
-        final = work.get("final", c * num_g, torch.float32).view(c, num_g)
-        torch.neg(acc, out=final).add_(2.0)
-        torch.div(acc, final, out=final)
-        final.neg_().add_(1.0).mul_(1.0 - lambda_value)
+        if float16:
+            final = _half_weighted_jaccard(acc.view(c, num_g), lambda_value)
+            acc = work.get("acc", c * num_g, torch.float32).view(c, num_g)
+        else:
+            # Jaccard distance 1 - s / (2 - s), weighted by 1 - lambda.
+            final = work.get("final", c * num_g, torch.float32).view(c, num_g)
+            torch.neg(acc, out=final).add_(2.0)
+            torch.div(acc, final, out=final)
+            final.neg_().add_(1.0).mul_(1.0 - lambda_value)
+        # Plus the weighted original distance (into the consumed shared-mass buffer).
         orig = distance_block(xq[start:stop], xg, sq_q[start:stop], sq_g, acc)
         final.add_(orig.div_(colmax[start:stop, None]), alpha=lambda_value)
         yield final
+
+
+def _half_weighted_jaccard(s: torch.Tensor, lambda_value: float) -> torch.Tensor:
+    """``(1 - lambda) * (1 - s / (2 - s))`` with the official code's float16 steps.
+
+    Each operation on the float16 shared masses ``s`` rounds to float16, and the weight
+    ``1 - lambda`` is itself a float16 number, as numpy computes with a float16 array.
+
+    Returns:
+        float32 tensor of the float16 results.
+    """
+    weight = torch.tensor(1.0 - lambda_value, dtype=torch.float16, device=s.device)
+    return ((1.0 - s / (2.0 - s)) * weight).float()
 
 
 def re_ranking(
@@ -455,6 +551,7 @@ def re_ranking(
     k1: int = 20,
     k2: int = 6,
     lambda_value: float = 0.3,
+    float16: bool = False,
 ) -> np.ndarray:
     """k-reciprocal re-ranking with the official signature: a drop-in for the official utility.
 
@@ -469,12 +566,15 @@ def re_ranking(
         k1: k-reciprocal neighbourhood size.
         k2: local query expansion size.
         lambda_value: weight of the original distance.
+        float16: the official float16 storage (see :func:`k_reciprocal_rerank_chunks`).
 
     Returns:
         float32 numpy [Q, G] re-ranked distances.
     """
     qf, gf = torch.as_tensor(probFea), torch.as_tensor(galFea)
-    blocks = k_reciprocal_rerank_chunks(qf, gf, k1, k2, lambda_value, show_progress=False)
+    blocks = k_reciprocal_rerank_chunks(
+        qf, gf, k1, k2, lambda_value, show_progress=False, float16=float16
+    )
     return np.concatenate([block.cpu().numpy().copy() for block in blocks], axis=0)
 
 
@@ -484,6 +584,7 @@ def jaccard_distance_sparse(
     k2: int = 6,
     max_distance: float = 0.6,
     *,
+    convention: str = "clustercontrast",
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -494,6 +595,14 @@ def jaccard_distance_sparse(
     above, over the N items of ``feats`` (no query/gallery split), except that
     ``V[i, j] = exp(-d(i, j))`` uses the plain squared Euclidean distance d (no division by the
     column maximum). With L2-normalised features d = 2 - 2 cos, as in the clustering recipes.
+
+    Neighbour lists (``convention``): ClusterContrast searches the k1 nearest items (the item
+    itself included) and cuts every list from those, so R(i, k1) is drawn from k1 items, the
+    half-size sets from ``min(round(k1 / 2) + 1, k1)`` and the query expansion from
+    ``min(k2, k1)``; the re-ranking convention draws R(i, k1) from k1 + 1 items. ClusterContrast
+    with k1 thus equals the re-ranking convention with k1 - 1 whenever ``round(k1 / 2)`` agrees
+    (k1 = 21 and 20 do, 30 and 29 do not).
+
     Only pairs with a distance of at most ``max_distance`` (< 1) are returned; every other pair
     shares no V mass or lies farther, so nothing N x N is ever stored.
 
@@ -502,6 +611,7 @@ def jaccard_distance_sparse(
         k1: k-reciprocal neighbourhood size (30 in ClusterContrast).
         k2: local query expansion size (6; 1 disables it).
         max_distance: largest Jaccard distance kept, in (0, 1) (the DBSCAN eps).
+        convention: 'clustercontrast' (k1 nearest, self included) or 'reranking' (k1 + 1).
         memory_budget_mb: working-memory budget (MiB) of each pass.
         show_progress: progress bar or log lines for the long passes.
 
@@ -515,12 +625,16 @@ def jaccard_distance_sparse(
         raise ValueError(f"feats must be a non-empty [N, D] tensor, got {tuple(feats.shape)}")
     if not 0.0 < max_distance < 1.0:
         raise ValueError(f"max_distance must be in (0, 1), got {max_distance}")
+    if convention not in JACCARD_CONVENTIONS:
+        raise ValueError(f"convention {convention!r}; valid: {list(JACCARD_CONVENTIONS)}")
     x = feats.detach().float()
     n = x.shape[0]
     sq = (x * x).sum(1)
-    k_full = min(int(k1) + 1, n)
-    k_half = min(round(k1 / 2) + 1, n)  # round() halves to even, like numpy's around
-    k_qe = min(int(k2), n)
+    # ClusterContrast cuts every list from its k1-nearest search; re-ranking ranks all N items.
+    searched = int(k1) if convention == "clustercontrast" else n
+    k_full = min(int(k1) + 1, searched, n)
+    k_half = min(round(k1 / 2) + 1, searched, n)  # round() halves to even, like numpy's around
+    k_qe = min(int(k2), searched, n)
     stored = min(n, max(_STORED_NEIGHBOURS * k_full, k_qe))
     knn, knn_dist, _ = _neighbours(x, sq, stored, memory_budget_mb, show_progress)
     # A unit "column maximum" turns the re-ranking weights into the unscaled exp(-d).

@@ -19,7 +19,12 @@ from yacs.config import CfgNode
 
 from loss.build import build_pcl_loss
 from processor.evaluate import build_eval_settings
-from processor.memory import build_cluster_settings, rebuild_cluster_memory, rebuild_memory_bank
+from processor.memory import (
+    build_cluster_settings,
+    cluster_eps,
+    rebuild_cluster_memory,
+    rebuild_memory_bank,
+)
 from processor.recipes.base import Recipe, register_recipe
 from utils.dist import all_gather_cat, broadcast_object
 from utils.logger import append_metrics
@@ -70,7 +75,7 @@ class PCLCLIP(Recipe):
             )
             return None
         # Unsupervised: re-cluster, then train on the clustered images with their pseudo labels.
-        labels, centroids = rebuild_cluster_memory(
+        labels, centroids, num_clusters = rebuild_cluster_memory(
             self.model,
             self.data.train_eval,
             self.criterion,
@@ -89,7 +94,7 @@ class PCLCLIP(Recipe):
                 "stage": 2,
                 "epoch": epoch,
                 "memory_bank": list(centroids.shape),
-                "clusters": int(centroids.shape[0]),
+                "clusters": num_clusters,
                 "outliers": int(len(labels) - keep.size),
                 "clustered_images": int(keep.size),
             },
@@ -111,6 +116,11 @@ class PCLCLIP(Recipe):
         keep = np.flatnonzero(self.labels >= 0)
         return self.data.set_train_labels(keep, self.labels[keep])
 
+    @torch.no_grad()
+    def accuracy(self, out: Any, pids: torch.Tensor) -> float | None:
+        # Unsupervised: the classifier is never trained (no ID loss), its accuracy means nothing.
+        return None if self.cluster is not None else super().accuracy(out, pids)
+
     def end_step(self, out: Any, pids: torch.Tensor) -> None:
         # The memory moves with the whole global batch, so every rank's bank stays the same.
         embedding = all_gather_cat(out.embedding.detach())
@@ -128,3 +138,4 @@ def _check_unsupervised(cfg: CfgNode) -> None:
         )
     if m.PCL_LOSS_WEIGHT <= 0:
         raise ValueError(f"MODEL.PCL_LOSS_WEIGHT = {m.PCL_LOSS_WEIGHT} must be > 0 in USL")
+    cluster_eps(m.CLUSTER_EPS, cfg.DATASETS.NAMES)  # 0: the dataset's value, if it has one
