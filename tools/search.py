@@ -168,7 +168,18 @@ def build_search_model(cfg: CfgNode, weights: str) -> ReIDModel:
         raise SearchError(str(err)) from err
 
 
-def _check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int | None) -> None:
+def check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int | None) -> None:
+    """Check the ``--camid`` / ``--viewid`` of a command against the model's SIE.
+
+    Args:
+        cfg: the configuration (``MODEL.SIE_CAMERA``, ``MODEL.SIE_VIEW``).
+        model: the model (its SIE table sizes).
+        camid: ``--camid`` or None.
+        viewid: ``--viewid`` or None.
+
+    Raises:
+        SearchError: an id the SIE needs is missing or out of range, or one is given without SIE.
+    """
     for enabled, value, flag, key, count in (
         (cfg.MODEL.SIE_CAMERA, camid, "--camid", "MODEL.SIE_CAMERA", model.num_cameras),
         (cfg.MODEL.SIE_VIEW, viewid, "--viewid", "MODEL.SIE_VIEW", model.num_views),
@@ -210,7 +221,7 @@ def compute_features(
     Raises:
         SearchError: an image cannot be read (the message names it).
     """
-    _check_sie_ids(cfg, model, camid, viewid)
+    check_sie_ids(cfg, model, camid, viewid)
     i = cfg.INPUT
     transform = build_test_transform(i.SIZE_TEST, i.PIXEL_MEAN, i.PIXEL_STD)
     records = [ImageRecord(p, 0, camid or 0, viewid or 0) for p in paths]
@@ -283,7 +294,18 @@ def rank_gallery(
 # ----------------------------------------------------------------------------------------------
 
 
-def _setup(args: argparse.Namespace) -> tuple[CfgNode, torch.device, str]:
+def setup_command(args: argparse.Namespace) -> tuple[CfgNode, torch.device, str]:
+    """The config, device and weights hash of a command that runs a trained model.
+
+    Args:
+        args: parsed arguments with ``config_file``, ``weights`` and ``opts`` (overrides).
+
+    Returns:
+        (config with the overrides, device of ``MODEL.DEVICE``, SHA-256 of the weights file).
+
+    Raises:
+        SearchError: the config or weights file does not exist.
+    """
     if not os.path.isfile(args.config_file):
         raise SearchError(f"--config-file {args.config_file!r} does not exist")
     cfg = load_cfg(args.config_file, list(args.opts))
@@ -304,7 +326,7 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
         The saved index: features [N, D] (float32 or float16), paths, settings, config,
         weights, model_name, feat_dim, metric, camid, viewid, version.
     """
-    cfg, device, sha = _setup(args)
+    cfg, device, sha = setup_command(args)
     paths = list_image_files(args.gallery, "--gallery")
     logger.info("indexing %d gallery images of %s on %s", len(paths), args.gallery, device)
     model = build_search_model(cfg, args.weights).to(device)
@@ -386,7 +408,7 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
         (rank, path, similarity, distance, gallery_index).
     """
     index = load_index(args.index)
-    cfg, device, sha = _setup(args)
+    cfg, device, sha = setup_command(args)
     check_index(index, feature_settings(cfg, sha), args.index)
     if args.topk < 1:
         raise SearchError(f"--topk must be positive, got {args.topk}")
