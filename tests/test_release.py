@@ -53,3 +53,12 @@ def test_license_and_changelog():
     changelog = _read("CHANGELOG.md")
     assert f"## [{__version__}] - " in changelog
     assert "### Added" in changelog
+
+
+def test_readme_images_exist_and_are_small():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _read("README.md"))
+    assert len(images) >= 4
+    for rel in images:
+        path = os.path.join(ROOT, rel)
+        assert os.path.isfile(path), rel
+        assert os.path.getsize(path) < 200_000, rel

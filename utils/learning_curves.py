@@ -36,6 +36,9 @@ PANELS = {
     "clusters": "DBSCAN",
 }
 
+# Points are marked on curves of at most this many epochs (longer ones read better as lines).
+MARKERS_UP_TO = 30
+
 Series = tuple[list[int], list[float]]
 
 
@@ -174,7 +177,8 @@ def learning_curve_figure(records: Sequence[Mapping[str, Any]], title: str = "")
                 continue
             for name, (epochs, values) in series.items():
                 style = "--" if name == "train acc" else "-"
-                ax.plot(epochs, values, style, marker="o", markersize=3, label=name)
+                marker = "o" if len(epochs) <= MARKERS_UP_TO else None
+                ax.plot(epochs, values, style, marker=marker, markersize=3, label=name)
             ax.set_xlabel("epoch", fontsize=8)
             ax.tick_params(labelsize=7)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
