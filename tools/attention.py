@@ -37,13 +37,14 @@ from datasets.transforms import build_test_transform
 from model.clip.vision import ViTReIDEncoder
 from tools.search import (
     SearchError,
+    add_model_arguments,
     build_search_model,
     check_sie_ids,
     list_image_files,
     setup_command,
 )
 from utils.checkpoint import atomic_write
-from utils.cli import add_config_argument, make_parser, parse_args, run_main
+from utils.cli import make_parser, parse_args, run_main
 from utils.drawing import GAP
 from utils.logger import setup_logger
 
@@ -211,8 +212,7 @@ def _parser():
     parser = make_parser(
         __doc__.split("\n\n")[0], prog="python -m tools.attention", config=None, overrides=True
     )
-    add_config_argument(parser, required=True)
-    parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
+    add_model_arguments(parser)
     parser.add_argument(
         "--images",
         required=True,
@@ -224,8 +224,6 @@ def _parser():
     parser.add_argument(
         "--tile-height", type=int, default=256, help="pixel height of each drawn image"
     )
-    parser.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
-    parser.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
     return parser
 
 

@@ -558,14 +558,25 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, sie: bool = True) -> None:
+    """The arguments of a command that runs a trained model (see :func:`setup_command`).
+
+    Args:
+        parser: the command's parser.
+        sie: also ``--camid`` / ``--viewid`` (images from folders, which carry no ids).
+    """
+    add_config_argument(parser, required=True)
+    parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
+    if sie:
+        parser.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
+        parser.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__.split("\n\n")[0], prog="python -m tools.search", config=None)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    add_config_argument(common, required=True)
-    common.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
-    common.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
-    common.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
+    add_model_arguments(common)
 
     p = sub.add_parser(
         "index", parents=[common], help="build a gallery feature index", epilog=OVERRIDES_HELP

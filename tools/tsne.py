@@ -40,9 +40,9 @@ from datasets.image_dataset import ImageDataset, collate_batch
 from datasets.transforms import build_transforms
 from loss.pcl import pid_centroids
 from processor.evaluate import EvalSettings, build_eval_settings, extract_features
-from tools.search import SearchError, build_search_model, setup_command
+from tools.search import SearchError, add_model_arguments, build_search_model, setup_command
 from utils.checkpoint import atomic_write
-from utils.cli import add_config_argument, make_parser, parse_args, run_main
+from utils.cli import make_parser, parse_args, run_main
 from utils.logger import setup_logger
 
 if TYPE_CHECKING:
@@ -224,8 +224,7 @@ def tsne_figure(inputs: TsneInputs, coords: np.ndarray, title: str = "") -> Figu
 
 def _parser():
     parser = make_parser(__doc__.split("\n\n")[0], prog="python -m tools.tsne", config=None)
-    add_config_argument(parser, required=True)
-    parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
+    add_model_arguments(parser, sie=False)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--num-ids", type=int, default=10, help="identities drawn at random")
     group.add_argument(
