@@ -15,10 +15,10 @@ from utils.learning_curves import learning_curve_figure, read_metrics, stage_cur
 from utils.metric_sinks import (
     TensorBoardSink,
     build_metric_sinks,
+    build_run_logging,
     close_metric_sinks,
     emit_metrics,
     record_scalars,
-    run_logging,
     set_metric_sinks,
 )
 
@@ -129,7 +129,7 @@ def test_run_logging_installs_closes_and_draws_the_curves(tmp_path):
     previous = set_metric_sinks([seen.append])
     try:
         with pytest.raises(RuntimeError, match="crash"):
-            with run_logging(cfg) as sinks:
+            with build_run_logging(cfg) as sinks:
                 assert metric_sinks._SINKS == sinks and len(sinks) == 1
                 _write_run(out, RECORDS[:2])
                 for record in RECORDS[:2]:
@@ -146,7 +146,7 @@ def test_run_logging_installs_closes_and_draws_the_curves(tmp_path):
     # LOG.CURVES False draws nothing.
     other = tmp_path / "other"
     _write_run(other)
-    with run_logging(load_cfg(None, ["OUTPUT_DIR", str(other), "LOG.CURVES", "False"])):
+    with build_run_logging(load_cfg(None, ["OUTPUT_DIR", str(other), "LOG.CURVES", "False"])):
         pass
     assert not (other / metric_sinks.CURVES_FILE).exists()
 

@@ -3,8 +3,8 @@
 ``utils.logger.append_metrics`` writes each record to ``OUTPUT_DIR/metrics.jsonl`` and hands the
 same dict to :func:`emit_metrics`, which calls every installed sink. A sink is any callable taking
 one record; it may have a ``close()``. :func:`build_metric_sinks` builds the sinks a config asks
-for (``LOG.TENSORBOARD``), and :func:`run_logging` installs them for the length of a run, closes
-them, and draws the learning curves (``LOG.CURVES``) at the end.
+for (``LOG.TENSORBOARD``), and :func:`build_run_logging` installs them for the length of a run,
+closes them, and draws the learning curves (``LOG.CURVES``) at the end.
 
 Record to scalars (:func:`record_scalars`): ``time`` is the wall time, ``stage`` the tag prefix
 (``stage2/loss``), ``epoch`` (or an explicit ``step``) the step; every other number becomes one
@@ -199,30 +199,51 @@ def close_metric_sinks() -> None:
 
 
 @contextlib.contextmanager
-def run_logging(cfg: CfgNode) -> Iterator[list[MetricSink]]:
+def run_logging(
+    sinks: Sequence[MetricSink], output_dir: str, curves: bool
+) -> Iterator[list[MetricSink]]:
     """Install a run's metric sinks; on exit close them and draw its learning curves.
 
-    The curves (``LOG.CURVES``) are drawn from ``OUTPUT_DIR/metrics.jsonl`` on rank 0, also after
-    an error (a failed drawing is logged as a warning and does not hide the run's own error).
+    The curves are drawn from ``output_dir/metrics.jsonl`` on rank 0, also after an error (a
+    failed drawing is logged as a warning and does not hide the run's own error). The sinks
+    installed before are restored on exit.
 
     Args:
-        cfg: the run configuration (``LOG.*``, ``OUTPUT_DIR``).
+        sinks: the run's sinks (:func:`build_metric_sinks`).
+        output_dir: the run folder.
+        curves: draw ``output_dir/learning_curves.png`` at the end.
 
     Yields:
         The installed sinks.
     """
-    sinks = build_metric_sinks(cfg)
     previous = set_metric_sinks(sinks)
     try:
-        yield sinks
+        yield list(sinks)
     finally:
         close_metric_sinks()
         set_metric_sinks(previous)
-        metrics = os.path.join(cfg.OUTPUT_DIR, METRICS_FILE)
-        if cfg.LOG.CURVES and is_main_process() and os.path.isfile(metrics):
+        metrics = os.path.join(output_dir, METRICS_FILE)
+        if curves and is_main_process() and os.path.isfile(metrics):
             from utils.learning_curves import plot_learning_curves
 
             try:
-                plot_learning_curves(cfg.OUTPUT_DIR, os.path.join(cfg.OUTPUT_DIR, CURVES_FILE))
+                plot_learning_curves(output_dir, os.path.join(output_dir, CURVES_FILE))
             except Exception as err:  # a figure must never turn a finished run into a failure
                 logger.warning("learning curves not drawn: %s", err)
+
+
+def build_run_logging(cfg: CfgNode) -> contextlib.AbstractContextManager[list[MetricSink]]:
+    """:func:`run_logging` as a run's config asks (``LOG.TENSORBOARD``, ``LOG.CURVES``).
+
+    Use as ``with build_run_logging(cfg): ...`` around a run's training.
+
+    Args:
+        cfg: the run configuration.
+
+    Returns:
+        The context manager.
+
+    Raises:
+        configs.config.ConfigError: ``LOG.TENSORBOARD`` is on and tensorboard is not installed.
+    """
+    return run_logging(build_metric_sinks(cfg), cfg.OUTPUT_DIR, bool(cfg.LOG.CURVES))
