@@ -282,6 +282,15 @@ _C.TEST.VISUALIZE = 0
 _C.TEST.VISUALIZE_TOPK = 10
 
 # ----------------------------------------------------------------------------------------------
+# LOG: where the metrics.jsonl records also go, and the figures drawn from them
+# ----------------------------------------------------------------------------------------------
+_C.LOG = CN()
+# Also write every metrics.jsonl record to OUTPUT_DIR/tensorboard (needs: pip install tensorboard).
+_C.LOG.TENSORBOARD = False
+# Draw OUTPUT_DIR/learning_curves.png from metrics.jsonl at the end of a run (matplotlib).
+_C.LOG.CURVES = True
+
+# ----------------------------------------------------------------------------------------------
 # Output folder: logs, config.yaml, metrics.jsonl, checkpoints.
 _C.OUTPUT_DIR = "output"
 

@@ -44,6 +44,7 @@ from utils.checkpoint import load_training_checkpoint, save_checkpoint
 from utils.dist import barrier, broadcast_object, is_main_process
 from utils.faults import fault_point
 from utils.logger import append_metrics, rewind_metrics
+from utils.metric_sinks import build_run_logging
 from utils.seed import get_rng_state, seed_everything, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -445,14 +446,16 @@ def train(
     recipe = get_recipe(cfg.MODEL.METHOD)(cfg, model, data, device)
     guard = build_step_guard(cfg)
     run = _Run(cfg, recipe, guard, accept_config_changes, overwrite)
-    with guard.catching_signals():
+    # TensorBoard (LOG.TENSORBOARD) gets every metrics.jsonl record; the learning curves
+    # (LOG.CURVES) are drawn when the run ends, also when it fails.
+    with guard.catching_signals(), build_run_logging(cfg):
         for stage in recipe.stages:
             if stage >= run.resumed_stage:
                 run_stage(cfg, recipe, run, stage, device)
-    if "mAP" not in run.metrics and run.eval_error is None:
-        summary = run.evaluate("Validation Results - final")
-        if summary is not None:
-            run.metrics.update(summary)
+        if "mAP" not in run.metrics and run.eval_error is None:
+            summary = run.evaluate("Validation Results - final")
+            if summary is not None:
+                run.metrics.update(summary)
     if run.eval_error is not None:
         raise EvaluationFailedError(
             f"training finished and its weights are saved in {run.output_dir!r}, but the "

@@ -109,6 +109,7 @@ def test_two_ranks_train_both_stages_in_sync_and_only_rank0_writes(tmp_path):
             "last.pth",
             "ViT-T-16-test_stage1_1.pth",
             "ViT-T-16-test_2.pth",
+            "learning_curves.png",  # LOG.CURVES, drawn by rank 0 at the end
         ]
     )
 

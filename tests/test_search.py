@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -267,3 +268,51 @@ def test_overrides_anywhere_and_underscore_flags(env, tmp_path):
     argv += ["--query", str(env["queries"][0]), "--tile_size", "8", "4", "--out", str(tmp_path)]
     with pytest.raises(search.SearchError, match=r"TEST.NECK_FEAT: index 'before', query 'after'"):
         search.main(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Approximate search (faiss)
+def _query_paths(result):
+    return [[h["path"] for h in q["results"]] for q in result["queries"]]
+
+
+def test_stored_ivf_and_built_hnsw_rank_as_exact_search(env, tmp_path):
+    ivf = tmp_path / "ivf.pt"
+    search.main(["index", *env["base"], "--gallery", str(env["gallery"]), "--ann", "ivf",
+                 "--out", str(ivf)])  # fmt: skip
+    stored = torch.load(ivf, weights_only=True)["ann"]
+    assert stored["kind"] == "ivf" and stored["data"].dtype == torch.uint8
+    base = [*env["base"], "--query", str(env["query_dir"]), "--topk", "5"]
+    exact = search.main(["query", "--index", str(env["index"]), *base, "--ann", "exact",
+                         "--out", str(tmp_path / "e")])  # fmt: skip
+    assert exact["search"] == "exact"
+    # Under 39 images: one IVF cell (N // 39 < 1), so the stored index scans everything.
+    auto = search.main(["query", "--index", str(ivf), *base, "--out", str(tmp_path / "a")])
+    assert auto["search"] == "ivf"
+    assert _query_paths(auto) == _query_paths(exact)
+    for a, e in zip(auto["queries"], exact["queries"], strict=True):
+        sims = [h["similarity"] for h in a["results"]]
+        np.testing.assert_allclose(sims, [h["similarity"] for h in e["results"]], atol=1e-5)
+    # HNSW not stored in the plain index: built for the command; on so few items it finds all.
+    hnsw = search.main(["query", "--index", str(env["index"]), *base, "--ann", "hnsw",
+                        "--ef-search", "64", "--out", str(tmp_path / "h")])  # fmt: skip
+    assert hnsw["search"] == "hnsw" and _query_paths(hnsw) == _query_paths(exact)
+
+
+def test_ann_auto_threshold_and_missing_faiss(env, tmp_path, monkeypatch):
+    out = tmp_path / "i.pt"
+    argv = ["index", *env["base"], "--gallery", str(env["gallery"]), "--out", str(out)]
+    search.main(argv)  # below ANN_AUTO_MIN images: no approximate index
+    assert "ann" not in torch.load(out, weights_only=True)
+    monkeypatch.setattr(search, "ANN_AUTO_MIN", 10)
+    search.main(argv)
+    assert torch.load(out, weights_only=True)["ann"]["kind"] == search.ANN_AUTO_KIND
+    # Without faiss: auto quietly stays exact, an explicit kind names the install command.
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    search.main(argv)
+    assert "ann" not in torch.load(out, weights_only=True)
+    with pytest.raises(search.SearchError, match=r"pip install faiss-cpu.*--ann exact"):
+        search.main([*argv, "--ann", "hnsw"])
+    query = ["query", "--index", str(env["index"]), *env["base"], "--query", str(env["queries"][0])]
+    with pytest.raises(search.SearchError, match=r"pip install faiss-cpu"):
+        search.main([*query, "--ann", "ivf", "--out", str(tmp_path / "r")])

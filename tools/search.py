@@ -14,6 +14,13 @@ gallery images are ranked by cosine similarity, which orders them as the evaluat
 Euclidean distance on normalised features does (``|q - g|^2 = 2 - 2 cos``). Without
 ``TEST.FEAT_NORM`` they are ranked by squared Euclidean distance on the raw features.
 
+Large galleries: with the optional faiss package (``pip install faiss-cpu``) ``index --ann ivf``
+(or ``hnsw``) also stores an approximate nearest-neighbour index (:mod:`utils.ann`), built by
+default (``--ann auto``) from ``ANN_AUTO_MIN`` gallery images on; ``query --ann auto`` uses a
+stored one and ranks exactly otherwise, ``--ann exact`` always ranks exactly, ``--ann ivf|hnsw``
+uses the stored index of that kind or builds one for the command. ``--nprobe`` / ``--ef-search``
+trade speed for recall (``docs/benchmarks.md``: recall@10 and queries/s against exact search).
+
 An index records the settings it was built with (model, eval-relevant config keys, a hash of the
 weights); ``query`` refuses an index whose settings differ from its own.
 
@@ -42,6 +49,17 @@ from datasets.transforms import build_transforms
 from model.loading import build_model_from_checkpoint
 from model.reid_model import ReIDModel
 from processor.evaluate import build_eval_settings, extract_features
+from utils.ann import (
+    ANN_KINDS,
+    AnnParams,
+    MissingDependencyError,
+    ann_search,
+    build_ann,
+    deserialize_ann,
+    faiss_available,
+    serialize_ann,
+    set_search_params,
+)
 from utils.checkpoint import read_checkpoint, save_checkpoint, sha256_file, write_json
 from utils.cli import (
     OVERRIDES_HELP,
@@ -76,6 +94,13 @@ FEATURE_KEYS = (
 )
 # Gallery rows scored at once: an fp16 index is widened to float32 one chunk at a time.
 GALLERY_CHUNK = 8192
+# 'index --ann auto' builds an approximate index from this many gallery images on (with faiss):
+# below it exact ranking takes well under a second per query batch on a CPU.
+ANN_AUTO_MIN = 100_000
+# The kind 'index --ann auto' builds: HNSW keeps recall@10 >= 0.99 at >= 10x exact speed even on
+# galleries without low-rank structure, where IVF needs many probes (docs/benchmarks.md); its
+# build (minutes at 1M on 2 cores) is small beside extracting the features of 1M images.
+ANN_AUTO_KIND = "hnsw"
 
 
 class SearchError(UsageError):
@@ -168,7 +193,18 @@ def build_search_model(cfg: CfgNode, weights: str) -> ReIDModel:
         raise SearchError(str(err)) from err
 
 
-def _check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int | None) -> None:
+def check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int | None) -> None:
+    """Check the ``--camid`` / ``--viewid`` of a command against the model's SIE.
+
+    Args:
+        cfg: the configuration (``MODEL.SIE_CAMERA``, ``MODEL.SIE_VIEW``).
+        model: the model (its SIE table sizes).
+        camid: ``--camid`` or None.
+        viewid: ``--viewid`` or None.
+
+    Raises:
+        SearchError: an id the SIE needs is missing or out of range, or one is given without SIE.
+    """
     for enabled, value, flag, key, count in (
         (cfg.MODEL.SIE_CAMERA, camid, "--camid", "MODEL.SIE_CAMERA", model.num_cameras),
         (cfg.MODEL.SIE_VIEW, viewid, "--viewid", "MODEL.SIE_VIEW", model.num_views),
@@ -210,7 +246,7 @@ def compute_features(
     Raises:
         SearchError: an image cannot be read (the message names it).
     """
-    _check_sie_ids(cfg, model, camid, viewid)
+    check_sie_ids(cfg, model, camid, viewid)
     _, transform = build_transforms(cfg)  # the test transform of the run's config
     records = [ImageRecord(p, 0, camid or 0, viewid or 0) for p in paths]
     workers = min(int(cfg.DATALOADER.NUM_WORKERS), max(1, len(paths) // 64))
@@ -282,7 +318,18 @@ def rank_gallery(
 # ----------------------------------------------------------------------------------------------
 
 
-def _setup(args: argparse.Namespace) -> tuple[CfgNode, torch.device, str]:
+def setup_command(args: argparse.Namespace) -> tuple[CfgNode, torch.device, str]:
+    """The config, device and weights hash of a command that runs a trained model.
+
+    Args:
+        args: parsed arguments with ``config_file``, ``weights`` and ``opts`` (overrides).
+
+    Returns:
+        (config with the overrides, device of ``MODEL.DEVICE``, SHA-256 of the weights file).
+
+    Raises:
+        SearchError: the config or weights file does not exist.
+    """
     if not os.path.isfile(args.config_file):
         raise SearchError(f"--config-file {args.config_file!r} does not exist")
     cfg = load_cfg(args.config_file, list(args.opts))
@@ -296,14 +343,15 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
     """``index``: extract the gallery features and save the index atomically.
 
     Args:
-        args: parsed ``index`` arguments (config_file, weights, gallery, out, dtype, camid,
+        args: parsed ``index`` arguments (config_file, weights, gallery, out, dtype, ann, camid,
             viewid, opts).
 
     Returns:
         The saved index: features [N, D] (float32 or float16), paths, settings, config,
-        weights, model_name, feat_dim, metric, camid, viewid, version.
+        weights, model_name, feat_dim, metric, camid, viewid, version, and with an approximate
+        index 'ann' ({'kind', 'params', 'data': the serialised faiss index}).
     """
-    cfg, device, sha = _setup(args)
+    cfg, device, sha = setup_command(args)
     paths = list_image_files(args.gallery, "--gallery")
     logger.info("indexing %d gallery images of %s on %s", len(paths), args.gallery, device)
     model = build_search_model(cfg, args.weights).to(device)
@@ -321,9 +369,82 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
         "camid": args.camid,
         "viewid": args.viewid,
     }
+    kind = _index_ann_kind(args.ann, len(paths))
+    if kind is not None:
+        params = AnnParams()
+        ann = _faiss_call(build_ann, feats, kind, index["metric"], params)
+        index["ann"] = {"kind": kind, "params": params.as_dict(), "data": serialize_ann(ann)}
     save_checkpoint(index, args.out)
     logger.info("index of %d x %d features written to %s", len(paths), feats.shape[1], args.out)
     return index
+
+
+def _faiss_call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except MissingDependencyError as err:
+        raise SearchError(f"{err}; or use --ann exact (auto without faiss)") from err
+
+
+def _index_ann_kind(ann: str, n: int) -> str | None:
+    """The ANN index 'index --ann' builds for ``n`` images, or None."""
+    if ann == "auto":
+        if n < ANN_AUTO_MIN:
+            return None
+        if not faiss_available():
+            logger.info(
+                "%d gallery images: install faiss (pip install faiss-cpu) for approximate "
+                "search; exact ranking is used",
+                n,
+            )
+            return None
+        return ANN_AUTO_KIND
+    return None if ann == "none" else ann
+
+
+def search_gallery(
+    index: dict[str, Any],
+    query_feats: torch.Tensor,
+    topk: int,
+    ann: str = "auto",
+    ef_search: int | None = None,
+    nprobe: int | None = None,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Rank an index's gallery for queries, exactly or with an approximate (faiss) index.
+
+    Args:
+        index: a loaded index (features, metric, optional stored 'ann').
+        query_feats: [Q, D] query features.
+        topk: items per query.
+        ann: 'auto' (the stored ANN index if any, else exact), 'exact', 'hnsw' or 'ivf' (the
+            stored index of that kind, else one built now).
+        ef_search: HNSW candidates per query (None: as built).
+        nprobe: IVF cells scanned per query (None: as built).
+        device: where exact ranking runs (default CPU).
+
+    Returns:
+        (scores float32 [Q, k], gallery indices int64 [Q, k] (-1 where an approximate search
+        found fewer than k), the method used: 'exact', 'hnsw' or 'ivf').
+
+    Raises:
+        SearchError: an approximate method without faiss installed.
+    """
+    stored = index.get("ann")
+    kind = ann if ann != "auto" else (stored["kind"] if stored else "exact")
+    if kind == "exact":
+        device = device or torch.device("cpu")
+        gf = index["features"].to(device)
+        scores, idx = rank_gallery(query_feats.to(device), gf, topk, index["metric"])
+        return scores.cpu(), idx.cpu(), kind
+    if stored is not None and stored["kind"] == kind:
+        faiss_index = _faiss_call(deserialize_ann, stored["data"], ef_search, nprobe)
+    else:
+        params = AnnParams()
+        faiss_index = _faiss_call(build_ann, index["features"], kind, index["metric"], params)
+        set_search_params(faiss_index, ef_search, nprobe)
+    scores, idx = ann_search(faiss_index, query_feats, topk)
+    return scores, idx, kind
 
 
 def load_index(path: str) -> dict[str, Any]:
@@ -378,30 +499,33 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
 
     Args:
         args: parsed ``query`` arguments (index, config_file, weights, query, topk, out,
-            visualize, tile_size, camid, viewid, opts).
+            visualize, tile_size, ann, nprobe, ef_search, camid, viewid, opts).
 
     Returns:
-        The results.json content: metric, topk, index, and per query its ranked hits
+        The results.json content: metric, search (the method used), topk, index, and per
+        query its ranked hits
         (rank, path, similarity, distance, gallery_index).
     """
     index = load_index(args.index)
-    cfg, device, sha = _setup(args)
+    cfg, device, sha = setup_command(args)
     check_index(index, feature_settings(cfg, sha), args.index)
     if args.topk < 1:
         raise SearchError(f"--topk must be positive, got {args.topk}")
     paths = [p for q in args.query for p in list_image_files(q, "--query")]
     model = build_search_model(cfg, args.weights).to(device)
     qf = compute_features(model, cfg, paths, device, args.camid, args.viewid)
-    gf = index["features"]
     metric = index["metric"]
-    scores, idx = rank_gallery(qf.to(device), gf.to(device), args.topk, metric)
-    scores, idx = scores.cpu(), idx.cpu()
+    scores, idx, method = search_gallery(
+        index, qf, args.topk, args.ann, args.ef_search, args.nprobe, device
+    )
     os.makedirs(args.out, exist_ok=True)
     gallery = index["paths"]
     results = []
     for qi, qpath in enumerate(progress(paths, total=len(paths), desc="queries")):
         hits = []
         for r, (s, g) in enumerate(zip(scores[qi].tolist(), idx[qi].tolist(), strict=True)):
+            if g < 0:  # an approximate search found fewer than k items
+                break
             if metric == "cosine":
                 sim, dist = s, 2.0 - 2.0 * s
             else:
@@ -423,6 +547,7 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
         "index": os.path.abspath(args.index),
         "weights": os.path.abspath(args.weights),
         "metric": metric,
+        "search": method,
         "topk": min(args.topk, len(gallery)),
         "num_gallery": len(gallery),
         "queries": results,
@@ -432,14 +557,25 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, sie: bool = True) -> None:
+    """The arguments of a command that runs a trained model (see :func:`setup_command`).
+
+    Args:
+        parser: the command's parser.
+        sie: also ``--camid`` / ``--viewid`` (images from folders, which carry no ids).
+    """
+    add_config_argument(parser, required=True)
+    parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
+    if sie:
+        parser.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
+        parser.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = make_parser(__doc__.split("\n\n")[0], prog="python -m tools.search", config=None)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    add_config_argument(common, required=True)
-    common.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
-    common.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
-    common.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
+    add_model_arguments(common)
 
     p = sub.add_parser(
         "index", parents=[common], help="build a gallery feature index", epilog=OVERRIDES_HELP
@@ -451,6 +587,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=("float32", "float16"),
         default="float32",
         help="stored feature precision; float16 halves the file, ranks are scored in float32",
+    )
+    p.add_argument(
+        "--ann",
+        choices=("auto", "none", *ANN_KINDS),
+        default="auto",
+        help="also store an approximate index (needs faiss); auto: "
+        f"{ANN_AUTO_KIND} from {ANN_AUTO_MIN} images on when faiss is installed",
     )
     q = sub.add_parser(
         "query",
@@ -468,6 +611,15 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--topk", type=int, default=10, help="gallery images kept per query")
     q.add_argument("--out", required=True, help="folder for results.json and the PNGs")
     q.add_argument("--visualize", action="store_true", help="one PNG per query (query + top-k)")
+    q.add_argument(
+        "--ann",
+        choices=("auto", "exact", *ANN_KINDS),
+        default="auto",
+        help="ranking: auto (the index's approximate index if stored, else exact), exact, or "
+        "an approximate index (stored, or built for this command; needs faiss)",
+    )
+    q.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query")
+    q.add_argument("--ef-search", type=int, default=None, help="HNSW candidates per query")
     q.add_argument(
         "--tile-size",
         type=int,

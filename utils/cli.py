@@ -60,6 +60,7 @@ USER_ERRORS = (
     "utils.checkpoint:CheckpointFormatError",
     "utils.registry:UnknownNameError",
     "processor.train:RunDirError",
+    "utils.ann:MissingDependencyError",
     "processor.train:ResumeConfigError",
 )
 # A run that stopped for a reason its message explains (exit status 1, no traceback): training

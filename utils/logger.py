@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from utils.checkpoint import write_text
 from utils.dist import is_main_process
+from utils.metric_sinks import emit_metrics
 
 T = TypeVar("T")
 
@@ -173,6 +174,7 @@ def append_metrics(output_dir: str, record: dict[str, Any]) -> None:
     record = {"time": round(time.time(), 3), **record}
     with open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(record, default=float) + "\n")
+    emit_metrics(record)  # TensorBoard and other sinks see exactly the records of the file
 
 
 def rewind_metrics(output_dir: str, until: tuple[int, int] | None) -> None:
