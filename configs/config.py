@@ -33,7 +33,7 @@ from loss.build import SAMPLERS, TEXT_LOSSES
 from model.build import check_model_cfg
 from model.clip.arch import ARCHS
 from model.clip.vision import SIE_MODES
-from model.reid_model import NECK_FEATS
+from model.reid_model import NECK_FEATS, SIE_FALLBACKS
 from processor.common import AMP_DTYPES
 from processor.recipes import RECIPES, get_recipe
 from processor.stage1 import STAGE1_MODES
@@ -73,6 +73,7 @@ def config_choices() -> dict[str, list]:
         "SOLVER.STAGE1.MODE": list(STAGE1_MODES),
         "SOLVER.STAGE2.WARMUP_METHOD": list(WARMUP_METHODS),
         "TEST.NECK_FEAT": list(NECK_FEATS),
+        "TEST.SIE_FALLBACK": list(SIE_FALLBACKS),
     }
 
 

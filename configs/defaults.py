@@ -237,6 +237,10 @@ _C.TEST.NECK_FEAT = "before"
 _C.TEST.FEAT_NORM = True
 # Longest CMC curve reported.
 _C.TEST.MAX_RANK = 50
+# Flip test: average each image's feature with its mirror image's (fast-reid); 2x extraction.
+_C.TEST.FLIP_FEAT = False
+# SIE vector for images without usable camera/view ids: 'mean' of the SIE rows, or 'none'.
+_C.TEST.SIE_FALLBACK = "mean"
 # Memory budget of one chunk of the query x gallery evaluation, in MB.
 _C.TEST.EVAL_MEMORY_MB = 1024
 # VehicleID: random gallery draws averaged (one image per identity in the gallery).

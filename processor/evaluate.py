@@ -76,13 +76,27 @@ class FeatureSet:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How features are extracted and scored (built from the config by ``build_eval_settings``)."""
+    """How features are extracted and scored (built from the config by ``build_eval_settings``).
+
+    Attributes:
+        feat_norm: L2-normalise the features before the distances (``TEST.FEAT_NORM``).
+        max_rank: CMC length (``TEST.MAX_RANK``).
+        memory_mb: working-memory budget of the evaluation (``TEST.EVAL_MEMORY_MB``).
+        rerank: k-reciprocal re-ranking parameters, or None (``TEST.RE_RANKING``).
+        amp_dtype: autocast precision on CUDA (``MODEL.AMP_DTYPE``).
+        flip_feat: average each image's feature with its horizontal mirror's
+            (``TEST.FLIP_FEAT``).
+        sie_fallback: SIE vector of images without usable camera/view ids, 'mean' or 'none'
+            (``TEST.SIE_FALLBACK``; see ``ReIDModel.sie_vectors``).
+    """
 
     feat_norm: bool
     max_rank: int
     memory_mb: int
     rerank: RerankParams | None
     amp_dtype: str
+    flip_feat: bool = False
+    sie_fallback: str = "mean"
 
 
 def build_eval_settings(cfg) -> EvalSettings:
@@ -107,7 +121,45 @@ def build_eval_settings(cfg) -> EvalSettings:
         memory_mb=cfg.TEST.EVAL_MEMORY_MB,
         rerank=rerank,
         amp_dtype=cfg.MODEL.AMP_DTYPE,
+        flip_feat=bool(cfg.TEST.FLIP_FEAT),
+        sie_fallback=cfg.TEST.SIE_FALLBACK,
     )
+
+
+def encode_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    camids: torch.Tensor | None,
+    viewids: torch.Tensor | None,
+    settings: EvalSettings,
+) -> torch.Tensor:
+    """The evaluation feature of one batch: the one model call of every inference path.
+
+    Runs ``model.encode_image`` under autocast (``settings.amp_dtype``, CUDA only). With
+    ``settings.flip_feat`` the feature is the mean of the image's and its horizontal mirror's
+    features, before any normalisation (as fast-reid's flip test). Missing ids (``None``) get the
+    model's SIE fallback ``settings.sie_fallback`` (passed to the model only when it is not
+    'none', so any object with ``encode_image(images, camids, viewids)`` works without SIE).
+
+    Args:
+        model: the ReID model in eval mode (``encode_image``).
+        images: float [B, 3, H, W] on the model's device.
+        camids: int64 [B] camera ids, or None when unknown.
+        viewids: int64 [B] view ids, or None when unknown.
+        settings: evaluation settings (precision, flip, SIE fallback).
+
+    Returns:
+        float32 [B, D] features, not normalised.
+    """
+    kwargs = {}
+    if settings.sie_fallback != "none" and (camids is None or viewids is None):
+        kwargs["sie_fallback"] = settings.sie_fallback
+    with autocast(images.device, settings.amp_dtype):
+        feats = model.encode_image(images, camids=camids, viewids=viewids, **kwargs).float()
+        if settings.flip_feat:
+            mirrored = model.encode_image(images.flip(3), camids=camids, viewids=viewids, **kwargs)
+            feats = (feats + mirrored.float()) / 2
+    return feats
 
 
 @torch.no_grad()
@@ -116,14 +168,19 @@ def extract_features(
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     settings: EvalSettings,
+    *,
+    pass_ids: bool = True,
 ) -> FeatureSet:
-    """Run the model in eval mode over a loader.
+    """Run the model in eval mode over a loader (:func:`encode_batch` per batch).
 
     Args:
         model: the ReID model (``encode_image``).
         loader: yields dict batches (images, pids, camids, viewids, paths).
         device: where the model runs.
-        settings: evaluation settings (precision).
+        settings: evaluation settings (precision, flip, SIE fallback).
+        pass_ids: give the batches' camera/view ids to the model (SIE); False when they are not
+            the ids the model was trained with (a test set of another dataset): the model then
+            uses ``settings.sie_fallback``. The returned set keeps the loader's ids either way.
 
     Returns:
         A :class:`FeatureSet` in loader order, features float32 [N, D] on ``device``.
@@ -135,10 +192,8 @@ def extract_features(
         loader, total=len(loader), desc="features", unit="batches", log_lines=True
     ):
         images = batch["images"].to(device, non_blocking=True)
-        _, cams, views = batch_ids(batch, device)
-        with autocast(device, settings.amp_dtype):
-            out = model.encode_image(images, camids=cams, viewids=views)
-        feats.append(out.float())
+        _, cams, views = batch_ids(batch, device) if pass_ids else (None, None, None)
+        feats.append(encode_batch(model, images, cams, views, settings))
         pids.append(batch["pids"].numpy())
         camids.append(batch["camids"].numpy())
         viewids.append(batch["viewids"].numpy())
