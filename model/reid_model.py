@@ -272,7 +272,7 @@ class ReIDModel(nn.Module):
         if self.sie_camera and self.sie_view:
             grid = table.view(self.num_cameras, self.num_views, -1)  # [C, V, D_v]
             if camids is not None and viewids is not None:
-                rows = grid[camids.to(table.device), viewids.to(table.device)]
+                rows = table[(camids * self.num_views + viewids).to(table.device)]
             elif fallback == "none":
                 if camids is None and viewids is None:
                     return None

@@ -243,7 +243,8 @@ class FeatureExtractor:
             if not os.path.isfile(cfg_or_path):
                 raise FileNotFoundError(f"config file '{cfg_or_path}' does not exist")
             cfg = load_cfg(str(cfg_or_path), list(overrides))
-        return build_feature_extractor(cfg, weights, device=device, num_views=num_views)
+        model = build_model_from_checkpoint(cfg, weights, num_views=num_views, source="weights")
+        return build_feature_extractor(cfg, model, device)
 
     @classmethod
     def from_run(
@@ -283,7 +284,7 @@ class FeatureExtractor:
         elif not Path(weights).exists() and (run / weights).is_file():
             weights = run / weights
         logger.info("feature extractor from %s with weights %s", run, weights)
-        return build_feature_extractor(cfg, weights, device=device, num_views=num_views)
+        return cls.from_config(cfg, weights, device=device, num_views=num_views)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -416,34 +417,23 @@ def _with_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:
 
 
 def build_feature_extractor(
-    cfg: CfgNode,
-    weights: str | os.PathLike,
-    *,
-    device: str | torch.device | None = None,
-    num_views: int | None = None,
+    cfg: CfgNode, model: ReIDModel, device: str | torch.device | None = None
 ) -> FeatureExtractor:
-    """Build the model of a config with trained weights, and its evaluation-feature extractor.
+    """The evaluation-feature extractor of a config around a built model.
 
     Args:
-        cfg: the run's configuration (MODEL.*, INPUT.SIZE_TEST/PIXEL_MEAN/PIXEL_STD,
-            TEST.IMS_PER_BATCH, TEST.FEAT_NORM, TEST.NECK_FEAT, TEST.FLIP_FEAT,
-            TEST.SIE_FALLBACK, DATALOADER.NUM_WORKERS).
-        weights: checkpoint path.
+        cfg: the run's configuration (INPUT.SIZE_TEST/PIXEL_MEAN/PIXEL_STD, TEST.IMS_PER_BATCH,
+            TEST.FEAT_NORM, TEST.FLIP_FEAT, TEST.SIE_FALLBACK, MODEL.AMP_DTYPE, MODEL.DEVICE,
+            DATALOADER.NUM_WORKERS).
+        model: the ReID model with its trained weights (e.g. from
+            ``model.loading.build_model_from_checkpoint``).
         device: 'cpu', 'cuda', 'cuda:N', a ``torch.device``, or None for ``MODEL.DEVICE``.
-        num_views: training views, for camera x view SIE only.
 
     Returns:
-        The :class:`FeatureExtractor`.
-
-    Raises:
-        FileNotFoundError: the weights file does not exist.
-        model.loading.CheckpointMismatchError: the weights do not fit the config.
+        The :class:`FeatureExtractor` (the model moved to ``device``).
     """
-    if device is None:
-        device = resolve_device(cfg.MODEL.DEVICE)
-    elif isinstance(device, str):
-        device = resolve_device(device)
-    model = build_model_from_checkpoint(cfg, weights, num_views=num_views, source="weights")
+    if device is None or isinstance(device, str):
+        device = resolve_device(cfg.MODEL.DEVICE if device is None else device)
     i = cfg.INPUT
     return FeatureExtractor(
         model,
