@@ -239,6 +239,8 @@ _C.TEST.FEAT_NORM = True
 _C.TEST.MAX_RANK = 50
 # Flip test: average each image's feature with its mirror image's (fast-reid); 2x extraction.
 _C.TEST.FLIP_FEAT = False
+# Also report TPR at FPR 1e-4/1e-3/1e-2 over query-gallery pairs (verification ROC).
+_C.TEST.ROC = False
 # SIE vector for images without usable camera/view ids: 'mean' of the SIE rows, or 'none'.
 _C.TEST.SIE_FALLBACK = "mean"
 # Memory budget of one chunk of the query x gallery evaluation, in MB.

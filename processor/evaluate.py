@@ -13,6 +13,7 @@ from processor.common import autocast, batch_ids
 from utils.logger import progress
 from utils.metrics import EvalResult, evaluate_features
 from utils.reranking import RerankParams
+from utils.roc import ROC_FPRS, tpr_summary
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class EvalSettings:
             (``TEST.FLIP_FEAT``).
         sie_fallback: SIE vector of images without usable camera/view ids, 'mean' or 'none'
             (``TEST.SIE_FALLBACK``; see ``ReIDModel.sie_vectors``).
+        roc: also report TPR at the false-positive rates ``utils.roc.ROC_FPRS`` of the
+            verification ROC (``TEST.ROC``).
     """
 
     feat_norm: bool
@@ -97,6 +100,7 @@ class EvalSettings:
     amp_dtype: str
     flip_feat: bool = False
     sie_fallback: str = "mean"
+    roc: bool = False
 
 
 def build_eval_settings(cfg) -> EvalSettings:
@@ -123,6 +127,7 @@ def build_eval_settings(cfg) -> EvalSettings:
         amp_dtype=cfg.MODEL.AMP_DTYPE,
         flip_feat=bool(cfg.TEST.FLIP_FEAT),
         sie_fallback=cfg.TEST.SIE_FALLBACK,
+        roc=bool(cfg.TEST.ROC),
     )
 
 
@@ -215,7 +220,8 @@ def summarize(result: EvalResult) -> dict[str, float]:
         result: an :class:`EvalResult`.
 
     Returns:
-        mAP, mINP, rank1, rank5, rank10 (fractions in [0, 1]) and num_valid_queries.
+        mAP, mINP, rank1, rank5, rank10 (fractions in [0, 1]) and num_valid_queries; with the
+        ROC (``TEST.ROC``) also ``tpr@fpr1e-4``, ``tpr@fpr1e-3`` and ``tpr@fpr1e-2``.
     """
     cmc = np.asarray(result.cmc)
 
@@ -229,6 +235,7 @@ def summarize(result: EvalResult) -> dict[str, float]:
         "rank5": rank(5),
         "rank10": rank(10),
         "num_valid_queries": int(result.num_valid_queries),
+        **tpr_summary(getattr(result, "tpr_at_fpr", None)),
     }
 
 
@@ -320,6 +327,7 @@ def evaluate_sets(
         keep_topk=keep_topk,
         memory_budget_mb=settings.memory_mb,
         rerank=settings.rerank,
+        roc_fprs=ROC_FPRS if settings.roc else (),
     )
 
 
