@@ -128,7 +128,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             return list(value)
-        if key == "DATASETS.NAMES" and isinstance(value, str):
+        if key in ("DATASETS.NAMES", "DATASETS.TEST_NAMES") and isinstance(value, str):
             return [value]
     elif isinstance(default, str):
         if isinstance(value, str):
@@ -268,9 +268,14 @@ def validate_cfg(cfg: CN) -> None:
         )
     if not cfg.DATASETS.NAMES:
         raise ConfigError("DATASETS.NAMES is empty: name at least one dataset")
-    for name in cfg.DATASETS.NAMES:
-        if name not in DATASETS:
-            raise ConfigError(DATASETS.unknown_message(name))
+    for key in ("NAMES", "TEST_NAMES"):
+        for name in cfg.DATASETS[key]:
+            if name not in DATASETS:
+                message = DATASETS.unknown_message(name)  # worded for DATASETS.NAMES
+                raise ConfigError(message.replace("DATASETS.NAMES", f"DATASETS.{key}", 1))
+    repeated = sorted({n for n in cfg.DATASETS.TEST_NAMES if cfg.DATASETS.TEST_NAMES.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"DATASETS.TEST_NAMES lists {repeated} more than once; list each once")
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
         value = cfg[key.split(".")[0]][key.split(".")[1]]
         if len(value) != 2 or any(int(v) <= 0 for v in value):

@@ -103,6 +103,8 @@ _C.INPUT.PIXEL_STD = [0.5, 0.5, 0.5]
 _C.DATASETS = CN()
 # Dataset name(s); a list trains on their union (disjoint pid ranges) and tests on the first.
 _C.DATASETS.NAMES = ["market1501"]
+# Test sets, each evaluated on its own (cross-domain: not in NAMES); [] = the first of NAMES.
+_C.DATASETS.TEST_NAMES = []
 # Folder that holds the dataset folders (e.g. ROOT_DIR/Market-1501-v15.09.15).
 _C.DATASETS.ROOT_DIR = "data"
 # CSV/TSV list for the 'csv' dataset: columns path, pid[, camid][, viewid], split.

@@ -350,6 +350,68 @@ def summarize_trials(results: list[EvalResult]) -> dict[str, float]:
     return mean
 
 
+def evaluate_test_sets(
+    model: torch.nn.Module,
+    data,
+    settings: EvalSettings,
+    device: torch.device,
+    features: FeatureSet | None = None,
+    *,
+    keep_topk: int = 0,
+) -> list[tuple[object, FeatureSet, list[EvalResult]]]:
+    """Evaluate every test set of a bundle (``DATASETS.TEST_NAMES``), each on its own.
+
+    Args:
+        model: the ReID model.
+        data: the ``DataBundle`` (its ``tests``; a bundle-like object without ``tests`` is
+            evaluated as its single set).
+        settings: evaluation settings.
+        device: where the model runs.
+        features: :func:`extract_features` of the first set when the caller has them.
+        keep_topk: per-query top-k lists to keep (ranked lists).
+
+    Returns:
+        One ``(test set, its features, its per-trial results)`` per test set, in order.
+    """
+    out = []
+    for i, test in enumerate(getattr(data, "tests", None) or [data]):
+        feats = features if i == 0 and features is not None else None
+        if feats is None:
+            pass_ids = bool(getattr(test, "ids_known", True))
+            feats = extract_features(model, test.val, device, settings, pass_ids=pass_ids)
+        out.append((test, feats, evaluate_trials(feats, test, settings, keep_topk=keep_topk)))
+    return out
+
+
+def summarize_test_sets(
+    evaluated: list[tuple[object, FeatureSet, list[EvalResult]]],
+) -> dict[str, float]:
+    """The summary of the first test set, with every set's under ``'test_sets'`` when several.
+
+    Args:
+        evaluated: :func:`evaluate_test_sets` output.
+
+    Returns:
+        :func:`summarize_trials` of the first set; with more than one set also
+        ``'test_sets': {name: summary}`` for all of them (the first included). Each further set
+        is logged in one line.
+    """
+    first = summarize_trials(evaluated[0][2])
+    if len(evaluated) == 1:
+        return first
+    summaries = {test.name: summarize_trials(results) for test, _, results in evaluated}
+    for name, s in summaries.items():
+        logger.info(
+            "test set %s: mAP %.1f%%  R1 %.1f%%  R5 %.1f%%  mINP %.1f%%",
+            name,
+            100 * s["mAP"],
+            100 * s["rank1"],
+            100 * s["rank5"],
+            100 * s["mINP"],
+        )
+    return {**first, "test_sets": summaries}
+
+
 def evaluate_bundle(
     model: torch.nn.Module,
     data,
@@ -357,19 +419,19 @@ def evaluate_bundle(
     device: torch.device,
     features: FeatureSet | None = None,
 ) -> dict[str, float]:
-    """Evaluate on a data bundle's query/gallery; VehicleID averages its gallery-draw trials.
+    """Evaluate on a data bundle's test sets; VehicleID averages its gallery-draw trials.
 
     Args:
         model: the ReID model.
         data: the ``DataBundle`` of ``datasets.build.build_dataloaders``.
         settings: evaluation settings.
         device: where the model runs.
-        features: :func:`extract_features` of ``data.val`` when the caller has already extracted
-            them (to reuse them afterwards); None extracts them here.
+        features: :func:`extract_features` of ``data.val`` (the first test set) when the caller
+            has already extracted them (to reuse them afterwards); None extracts them here.
 
     Returns:
-        :func:`summarize` of the single evaluation, or the mean over trials (with ``num_trials``).
+        :func:`summarize` of the first test set's evaluation, or the mean over trials (with
+        ``num_trials``); with several test sets (``DATASETS.TEST_NAMES``) also ``'test_sets'``:
+        ``{name: summary}`` of each (see :func:`summarize_test_sets`).
     """
-    if features is None:
-        features = extract_features(model, data.val, device, settings)
-    return summarize_trials(evaluate_trials(features, data, settings))
+    return summarize_test_sets(evaluate_test_sets(model, data, settings, device, features))
