@@ -100,3 +100,13 @@ def test_counts_and_edge_cases():
     roc.add(block, gidx, torch.tensor([[True, True]]), torch.tensor([[False, False]]))
     # FPR 0.1: no negative, t = 1 -> 0.5 too; FPR 0.5: two, t = 3 -> both positives.
     assert roc.result() == {0.25: 0.5, 0.1: 0.5, 0.5: 1.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_equals_cpu():
+    _, _, dist, q_pids, g_pids, q_cams, g_cams = _problem(11, quantise=True)
+    kwargs = dict(memory_budget_mb=1e-3, show_progress=False, roc_fprs=FPRS)
+    cpu = evaluate_distmat(dist, q_pids, g_pids, q_cams, g_cams, **kwargs)
+    gpu = evaluate_distmat(torch.tensor(dist).cuda(), q_pids, g_pids, q_cams, g_cams, **kwargs)
+    assert gpu.tpr_at_fpr == cpu.tpr_at_fpr
