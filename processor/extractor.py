@@ -9,8 +9,8 @@
     feats = extractor(crops, camids=[0, 3])        # numpy HWC uint8 RGB crops, SIE camera ids
     sims = feats @ feats.T                          # cosine similarity (TEST.FEAT_NORM)
 
-The features are the evaluator's (``test_clipreid.py``): the test transform
-(:func:`datasets.transforms.build_test_transform`: resize to ``INPUT.SIZE_TEST``, normalise),
+The features are the evaluator's (``test_clipreid.py``): the evaluation loaders' test transform
+(:func:`datasets.transforms.build_transforms`: resize to ``INPUT.SIZE_TEST``, normalise),
 the same model call (:func:`processor.evaluate.encode_batch`: ``encode_image`` with
 ``TEST.NECK_FEAT``, autocast by ``MODEL.AMP_DTYPE`` on CUDA, ``TEST.FLIP_FEAT``) and the same
 L2 normalisation (:func:`utils.distance.prepare_features`), in batches of ``TEST.IMS_PER_BATCH``.
@@ -41,7 +41,7 @@ from yacs.config import CfgNode
 
 from configs.config import load_cfg
 from datasets.image_dataset import read_image
-from datasets.transforms import build_test_transform
+from datasets.transforms import build_transforms
 from model.loading import build_model_from_checkpoint
 from model.reid_model import ReIDModel
 from processor.evaluate import EvalSettings, build_eval_settings, encode_batch
@@ -422,7 +422,7 @@ def build_feature_extractor(
     """The evaluation-feature extractor of a config around a built model.
 
     Args:
-        cfg: the run's configuration (INPUT.SIZE_TEST/PIXEL_MEAN/PIXEL_STD, TEST.IMS_PER_BATCH,
+        cfg: the run's configuration (INPUT.* of the test transform, TEST.IMS_PER_BATCH,
             TEST.FEAT_NORM, TEST.FLIP_FEAT, TEST.SIE_FALLBACK, MODEL.AMP_DTYPE, MODEL.DEVICE,
             DATALOADER.NUM_WORKERS).
         model: the ReID model with its trained weights (e.g. from
@@ -434,13 +434,12 @@ def build_feature_extractor(
     """
     if device is None or isinstance(device, str):
         device = resolve_device(cfg.MODEL.DEVICE if device is None else device)
-    i = cfg.INPUT
     return FeatureExtractor(
         model,
-        build_test_transform(i.SIZE_TEST, i.PIXEL_MEAN, i.PIXEL_STD),
+        build_transforms(cfg)[1],  # the evaluation loaders' own test transform
         build_eval_settings(cfg),
         device,
         batch_size=int(cfg.TEST.IMS_PER_BATCH),
         num_workers=int(cfg.DATALOADER.NUM_WORKERS),
-        input_size=i.SIZE_TEST,
+        input_size=cfg.INPUT.SIZE_TEST,
     )
