@@ -5,10 +5,13 @@ Usage:
         TEST.WEIGHT runs/market_vit/ViT-B-16_60.pth DATASETS.ROOT_DIR /data
 
 Prints "mAP: x.x%" and "Rank-1/5/10: x.x%" lines as the official script does and writes the
-full-precision results to OUTPUT_DIR/test_metrics.json. With ``TEST.VISUALIZE N`` it also draws
-the ranked lists (top ``TEST.VISUALIZE_TOPK``) of the N lowest-AP queries into
-OUTPUT_DIR/ranked_lists/ (VehicleID: the first gallery draw only). A user error prints its
-message and exits with status 2 (``--debug`` or ``CLIPREID_DEBUG=1``: with the traceback).
+full-precision results to OUTPUT_DIR/test_metrics.json. With several test sets
+(``DATASETS.TEST_NAMES``) each is evaluated on its own: the lines are printed per set and the file
+holds the first set's numbers plus ``test_sets: {name: numbers}``. With ``TEST.VISUALIZE N`` it
+also draws the ranked lists (top ``TEST.VISUALIZE_TOPK``) of the N lowest-AP queries into
+OUTPUT_DIR/ranked_lists/ (one sub-folder per set when there are several; VehicleID: the first
+gallery draw only). A user error prints its message and exits with status 2 (``--debug`` or
+``CLIPREID_DEBUG=1``: with the traceback).
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ from model.build import build_model
 from model.loading import load_reid_checkpoint
 from processor.evaluate import (
     build_eval_settings,
-    evaluate_trials,
-    extract_features,
+    evaluate_test_sets,
     log_results,
-    summarize_trials,
+    summarize_test_sets,
 )
 from processor.ranked_lists import write_ranked_lists
 from utils.checkpoint import write_json
@@ -61,25 +63,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     load_reid_checkpoint(model, cfg.TEST.WEIGHT, for_training=False)
     model.to(device)
     settings = build_eval_settings(cfg)
-    features = extract_features(model, data.val, device, settings)
     # The ranked lists reuse the evaluation's per-query results (AP, top-k): no second pass.
     keep_topk = cfg.TEST.VISUALIZE_TOPK if cfg.TEST.VISUALIZE > 0 else 0
-    results = evaluate_trials(features, data, settings, keep_topk=keep_topk)
-    summary = summarize_trials(results)
+    evaluated = evaluate_test_sets(model, data, settings, device, keep_topk=keep_topk)
+    summary = summarize_test_sets(evaluated)
     log_results(summary, f"Test results of {cfg.TEST.WEIGHT}")
     write_json(
         os.path.join(cfg.OUTPUT_DIR, "test_metrics.json"), {"weight": cfg.TEST.WEIGHT, **summary}
     )
+    several = len(evaluated) > 1
     if cfg.TEST.VISUALIZE > 0:
-        _write_ranked_lists(cfg, data, features, results[0], settings)
-    print(f"mAP: {100 * summary['mAP']:.1f}%")
-    print(f"mINP: {100 * summary['mINP']:.1f}%")
-    for k in (1, 5, 10):
-        print(f"Rank-{k}: {100 * summary[f'rank{k}']:.1f}%")
+        for test, features, results in evaluated:
+            sub = [test.name] if several else []
+            out = os.path.join(cfg.OUTPUT_DIR, "ranked_lists", *sub)
+            _write_ranked_lists(cfg, test, features, results[0], settings, out)
+    for name, numbers in summary.get("test_sets", {"": summary}).items():
+        prefix = f"{name} " if several else ""
+        print(f"{prefix}mAP: {100 * numbers['mAP']:.1f}%")
+        print(f"{prefix}mINP: {100 * numbers['mINP']:.1f}%")
+        for k in (1, 5, 10):
+            print(f"{prefix}Rank-{k}: {100 * numbers[f'rank{k}']:.1f}%")
     return summary
 
 
-def _write_ranked_lists(cfg, data, features, result, settings) -> None:
+def _write_ranked_lists(cfg, data, features, result, settings, out_dir: str) -> None:
     """Draw the lowest-AP queries of the standard query/gallery split (trial 0 for VehicleID)."""
     if int(getattr(data, "num_trials", 1)) > 1:
         logger.info("ranked lists: VehicleID trial 0 (the first gallery draw) only")
@@ -89,7 +96,7 @@ def _write_ranked_lists(cfg, data, features, result, settings) -> None:
         features.query(data.num_query),
         features.gallery(data.num_query),
         result,
-        os.path.join(cfg.OUTPUT_DIR, "ranked_lists"),
+        out_dir,
         settings,
         num_queries=cfg.TEST.VISUALIZE,
         select="worst",

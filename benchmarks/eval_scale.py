@@ -15,7 +15,8 @@ memory (the process's resident-set high-water mark) is measured separately:
 * dense_rerank: a dense numpy rendering of the official re-ranking algorithm ((Q+G)^2 arrays,
   float16 V), then ``eval_func``; skipped when it would not fit;
 * interleaved: floor and ours alternately in one process, best of each: on a shared machine this
-  ratio is steadier than that of two separate processes run at different times.
+  ratio is steadier than that of two separate processes run at different times;
+* ours_roc: ours plus the verification ROC (``TEST.ROC``: TPR at FPR 1e-4 / 1e-3 / 1e-2).
 
 Usage (from the repository root):
     python -m benchmarks.eval_scale --sizes market msmt17
@@ -46,6 +47,7 @@ from utils.distance import (
 )
 from utils.metrics import block_rows, eval_func, evaluate_features
 from utils.reranking import RerankParams
+from utils.roc import ROC_FPRS, tpr_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,7 +57,7 @@ SIZES = {
     "market": (3368, 15913, 750, 2000, 6),
     "msmt17": (11659, 82161, 3060, 8000, 15),
 }
-VARIANTS = ("floor", "ours", "dense", "ours_rerank", "dense_rerank", "interleaved")
+VARIANTS = ("floor", "ours", "dense", "ours_rerank", "dense_rerank", "interleaved", "ours_roc")
 DENSE_BYTES_PER_PAIR = 25  # float32 distances, int64 argsort, int64 gathered pids, int32 matches
 # Dense re-ranking: float32 distances (two alive), argsort int64 then int32, float16 V and V_qe.
 DENSE_RERANK_BYTES_PER_PAIR = 4 + 4 + 8 + 4 + 2 + 2
@@ -218,7 +220,7 @@ def _run_once(variant, qf, gf, q_pids, g_pids, q_camids, g_camids, memory_mb, re
         for block in distance_chunks(q, g, block_rows(len(g), memory_mb)):
             checksum += float(block[0, 0])  # touch each block
         return {"checksum": checksum}
-    if variant in ("ours", "ours_rerank"):
+    if variant in ("ours", "ours_rerank", "ours_roc"):
         result = evaluate_features(
             qf,
             gf,
@@ -228,8 +230,14 @@ def _run_once(variant, qf, gf, q_pids, g_pids, q_camids, g_camids, memory_mb, re
             g_camids,
             memory_budget_mb=memory_mb,
             rerank=rerank if variant == "ours_rerank" else None,
+            roc_fprs=ROC_FPRS if variant == "ours_roc" else (),
         )
-        return {"mAP": result.mAP, "rank1": result.rank(1), "mINP": result.mINP}
+        return {
+            "mAP": result.mAP,
+            "rank1": result.rank(1),
+            "mINP": result.mINP,
+            **tpr_summary(result.tpr_at_fpr),
+        }
     if variant == "dense":
         q, g = F.normalize(qf, dim=1), F.normalize(gf, dim=1)
         distmat = squared_euclidean_distance(q, g).numpy()
@@ -281,7 +289,7 @@ def run_variant(
         out["peak_mb"] = out["base_mb"] = 0.0  # not a memory measurement
         return out
     times = []
-    for _ in range(repeat if variant in ("floor", "ours", "dense") else 1):
+    for _ in range(repeat if variant in ("floor", "ours", "dense", "ours_roc") else 1):
         start = time.perf_counter()
         out.update(
             _run_once(variant, qf, gf, q_pids, g_pids, q_camids, g_camids, memory_mb, rerank)

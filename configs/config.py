@@ -35,7 +35,7 @@ from loss import MEMORY_UPDATES, SAMPLERS, TEXT_LOSSES
 from model.build import check_model_cfg
 from model.clip.arch import ARCHS
 from model.clip.vision import SIE_MODES
-from model.reid_model import NECK_FEATS
+from model.reid_model import NECK_FEATS, SIE_FALLBACKS
 from processor.common import AMP_DTYPES
 from processor.recipes import RECIPES, get_recipe
 from processor.stage1 import STAGE1_MODES
@@ -80,6 +80,7 @@ def config_choices() -> dict[str, list]:
         "SOLVER.STAGE1.MODE": list(STAGE1_MODES),
         "SOLVER.STAGE2.WARMUP_METHOD": list(WARMUP_METHODS),
         "TEST.NECK_FEAT": list(NECK_FEATS),
+        "TEST.SIE_FALLBACK": list(SIE_FALLBACKS),
     }
 
 
@@ -134,7 +135,7 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     elif isinstance(default, (list, tuple)):
         if isinstance(value, (list, tuple)):
             return list(value)
-        if key == "DATASETS.NAMES" and isinstance(value, str):
+        if key in ("DATASETS.NAMES", "DATASETS.TEST_NAMES") and isinstance(value, str):
             return [value]
     elif isinstance(default, str):
         if isinstance(value, str):
@@ -306,9 +307,14 @@ def validate_cfg(cfg: CN) -> None:
         )
     if not cfg.DATASETS.NAMES:
         raise ConfigError("DATASETS.NAMES is empty: name at least one dataset")
-    for name in cfg.DATASETS.NAMES:
-        if name not in DATASETS:
-            raise ConfigError(DATASETS.unknown_message(name))
+    for key in ("NAMES", "TEST_NAMES"):
+        for name in cfg.DATASETS[key]:
+            if name not in DATASETS:
+                message = DATASETS.unknown_message(name)  # worded for DATASETS.NAMES
+                raise ConfigError(message.replace("DATASETS.NAMES", f"DATASETS.{key}", 1))
+    repeated = sorted({n for n in cfg.DATASETS.TEST_NAMES if cfg.DATASETS.TEST_NAMES.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"DATASETS.TEST_NAMES lists {repeated} more than once; list each once")
     for key in ("INPUT.SIZE_TRAIN", "INPUT.SIZE_TEST", "MODEL.STRIDE_SIZE"):
         value = cfg[key.split(".")[0]][key.split(".")[1]]
         if len(value) != 2:

@@ -122,6 +122,8 @@ _C.INPUT.PIXEL_STD = [0.5, 0.5, 0.5]
 _C.DATASETS = CN()
 # Dataset name(s); a list trains on their union (disjoint pid ranges) and tests on the first.
 _C.DATASETS.NAMES = ["market1501"]
+# Test sets, each evaluated on its own (cross-domain: not in NAMES); [] = the first of NAMES.
+_C.DATASETS.TEST_NAMES = []
 # Folder that holds the dataset folders (e.g. ROOT_DIR/Market-1501-v15.09.15).
 _C.DATASETS.ROOT_DIR = "data"
 # CSV/TSV list for the 'csv' dataset: columns path, pid[, camid][, viewid], split.
@@ -272,6 +274,12 @@ _C.TEST.NECK_FEAT = "before"
 _C.TEST.FEAT_NORM = True
 # Longest CMC curve reported.
 _C.TEST.MAX_RANK = 50
+# Flip test: average each image's feature with its mirror image's (fast-reid); 2x extraction.
+_C.TEST.FLIP_FEAT = False
+# Also report TPR at FPR 1e-4/1e-3/1e-2 over query-gallery pairs (verification ROC).
+_C.TEST.ROC = False
+# SIE vector for images without usable camera/view ids: 'mean' of the SIE rows, or 'none'.
+_C.TEST.SIE_FALLBACK = "mean"
 # Memory budget of one chunk of the query x gallery evaluation, in MB.
 _C.TEST.EVAL_MEMORY_MB = 1024
 # VehicleID: random gallery draws averaged (one image per identity in the gallery).

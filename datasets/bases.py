@@ -452,6 +452,23 @@ def check_split_nonempty(dataset: str, split: str, records: list, where: Path | 
         raise DatasetFormatError(f"{dataset}: the {split} split is empty (read from '{where}')")
 
 
+def camera_offsets(datasets: Sequence[ReIDDataset]) -> list[int]:
+    """Where each dataset's camera ids start in a combination (:func:`combine_datasets`).
+
+    Args:
+        datasets: parsed datasets, in ``DATASETS.NAMES`` order.
+
+    Returns:
+        ``offsets[i]``: the camera vocabulary sizes (1 + largest camid of any split) of the
+        datasets before ``i``.
+    """
+    offsets, total = [], 0
+    for ds in datasets:
+        offsets.append(total)
+        total += 1 + max(r.camid for s in (ds.train, ds.query, ds.gallery) for r in s)
+    return offsets
+
+
 def combine_datasets(datasets: Sequence[ReIDDataset]) -> ReIDDataset:
     """Train on several datasets: pid and camera ranges made disjoint; test on the first one.
 
@@ -468,11 +485,10 @@ def combine_datasets(datasets: Sequence[ReIDDataset]) -> ReIDDataset:
     if len(datasets) == 1:
         return datasets[0]
     train: list[ImageRecord] = []
-    pid_offset = cam_offset = 0
-    for ds in datasets:
+    pid_offset = 0
+    for ds, cam_offset in zip(datasets, camera_offsets(datasets), strict=True):
         train += [r._replace(pid=r.pid + pid_offset, camid=r.camid + cam_offset) for r in ds.train]
         pid_offset += ds.num_train_pids
-        cam_offset += 1 + max(r.camid for s in (ds.train, ds.query, ds.gallery) for r in s)
     first = datasets[0]
     return dataclasses.replace(
         first,

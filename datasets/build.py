@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from datasets.bases import (
     CorruptImageError,
     ImageRecord,
     ReIDDataset,
+    camera_offsets,
     combine_datasets,
 )
 from datasets.image_dataset import ImageDataset, check_images_readable, collate_batch
@@ -137,7 +139,7 @@ def build_datasets(cfg: CfgNode) -> tuple[ReIDDataset, list[ReIDDataset]]:
         parts.append(ds)
     dataset = combine_datasets(parts)
     if len(parts) > 1:
-        logger.info("training on %s; evaluating on %s", dataset.name, parts[0].name)
+        logger.info("training on %s", dataset.name)
         logger.info("%s", dataset.format_statistics())
     check_dataset(dataset)
     return dataset, parts
@@ -196,6 +198,95 @@ def check_eval_images(dataset: ReIDDataset, skip_corrupt: bool) -> ReIDDataset:
     return reduced
 
 
+def _shift_cameras(dataset: ReIDDataset, offset: int) -> ReIDDataset:
+    """The dataset with its query/gallery/test-pool camera ids moved by ``offset``."""
+    if not offset or not dataset.has_camera_ids:
+        return dataset  # placeholder camids (query 0, gallery 1) stay as they are
+
+    def shift(records: list[ImageRecord]) -> list[ImageRecord]:
+        return [r._replace(camid=r.camid + offset) for r in records]
+
+    pool = dataset.test_pool
+    return dataclasses.replace(
+        dataset,
+        query=shift(dataset.query),
+        gallery=shift(dataset.gallery),
+        test_pool=shift(pool) if pool is not None else None,
+    )
+
+
+def _ids_fit(test: ReIDDataset, train: ReIDDataset) -> bool:
+    """Whether every camera/view id of a test set indexes the training vocabularies."""
+    records = test.test_pool if test.test_pool is not None else test.query + test.gallery
+    return all(r.camid < train.num_cameras and r.viewid < train.num_views for r in records)
+
+
+def build_test_sets(
+    cfg: CfgNode,
+    dataset: ReIDDataset,
+    parts: list[ReIDDataset],
+    make_loader: Callable[[ReIDDataset], DataLoader],
+) -> list[TestSet]:
+    """The evaluated sets: each of ``DATASETS.TEST_NAMES``, or the first of ``DATASETS.NAMES``.
+
+    A test set that is one of the training datasets keeps the camera numbering of training
+    (shifted as :func:`~datasets.bases.combine_datasets` shifts it), so an SIE model gets its
+    trained camera ids; any other dataset is a cross-domain set, evaluated without ids (the
+    model's ``TEST.SIE_FALLBACK``). Every query/gallery image is checked for readability.
+
+    Args:
+        cfg: configuration (DATASETS.*, TEST.VEHICLEID_TRIALS).
+        dataset: the combined training dataset, its evaluation images already checked.
+        parts: the parsed datasets of ``DATASETS.NAMES``.
+        make_loader: query + gallery records of a dataset -> its evaluation loader.
+
+    Returns:
+        The :class:`TestSet` list, in ``DATASETS.TEST_NAMES`` order.
+
+    Raises:
+        CorruptImageError: an unreadable query/gallery image without ``DATASETS.SKIP_CORRUPT``.
+    """
+    trials = int(cfg.TEST.VEHICLEID_TRIALS)
+
+    def test_set(name: str, ds: ReIDDataset, ids_known: bool) -> TestSet:
+        num_trials = trials if ds.has_trials else 1
+        return TestSet(name, make_loader(ds), len(ds.query), num_trials, ds, ids_known)
+
+    train_names = dataset_names(cfg)
+    if not cfg.DATASETS.TEST_NAMES:
+        return [test_set(train_names[0], dataset, True)]
+    skip = bool(cfg.DATASETS.SKIP_CORRUPT)
+    offsets = camera_offsets(parts)
+    # Cross-domain sets: their view labels are not needed (the model is not given them).
+    options = dataclasses.replace(dataset_options(cfg), require_views=False)
+    tests = []
+    for name in cfg.DATASETS.TEST_NAMES:
+        if name in train_names:
+            j = train_names.index(name)
+            ds = dataset if j == 0 else _shift_cameras(parts[j], offsets[j])
+            ids_known = _ids_fit(ds, dataset)
+            if not ids_known:
+                logger.warning(
+                    "%s: query/gallery camera or view ids outside the training ones; evaluated "
+                    "without them (TEST.SIE_FALLBACK for SIE models)",
+                    name,
+                )
+        else:
+            ds = get_layout(name).load(cfg.DATASETS.ROOT_DIR, options)
+            logger.info("%s", ds.format_statistics())
+            ids_known = False
+        if ds is not dataset:
+            ds = check_eval_images(ds, skip)
+        tests.append(test_set(name, ds, ids_known))
+    cross = [t.name for t in tests if t.name not in train_names]
+    logger.info(
+        "evaluating on %s%s",
+        ", ".join(t.name for t in tests),
+        f" (cross-domain: {', '.join(cross)})" if cross else "",
+    )
+    return tests
+
+
 def seed_worker(worker_id: int) -> None:
     """Seed python's and numpy's RNGs in a loader worker from its torch seed.
 
@@ -210,6 +301,32 @@ def seed_worker(worker_id: int) -> None:
 
 
 @dataclass
+class TestSet:
+    """One evaluated query/gallery set (``DATASETS.TEST_NAMES``, or the first of NAMES).
+
+    It has the attributes ``processor.evaluate.evaluate_trials`` reads from a bundle.
+
+    Attributes:
+        name: the dataset name.
+        val: query images then gallery images, test transforms, ``TEST.IMS_PER_BATCH``.
+        num_query: the first ``num_query`` items of ``val`` are queries.
+        num_trials: evaluation trials to average (VehicleID: ``TEST.VEHICLEID_TRIALS``, else 1).
+        dataset: the parsed dataset whose query/gallery (and VehicleID trials) are evaluated;
+            camera ids in the numbering of training when ``ids_known``.
+        ids_known: the camera/view ids are those the model was trained with (the set belongs to
+            a dataset of ``DATASETS.NAMES``); otherwise (cross-domain) an SIE model is not given
+            them and uses ``TEST.SIE_FALLBACK``.
+    """
+
+    name: str
+    val: DataLoader
+    num_query: int
+    num_trials: int
+    dataset: ReIDDataset
+    ids_known: bool = True
+
+
+@dataclass
 class DataBundle:
     """Everything the training and evaluation loops need from the data side.
 
@@ -221,15 +338,17 @@ class DataBundle:
             ``DATALOADER.CAMERA_AWARE``) or shuffled batches ('softmax'), one sampler pass or
             ``DATALOADER.ITERS_PER_EPOCH`` batches per epoch; its
             ``batch_sampler`` has ``set_epoch``.
-        val: query images then gallery images, test transforms, ``TEST.IMS_PER_BATCH``.
+        val: ``tests[0].val``: query images then gallery images of the first test set.
         train_eval: train set, test transforms, ``TEST.IMS_PER_BATCH``, in order.
         num_classes: training identities C.
         num_cameras: camera vocabulary size (camids are 0..num_cameras-1).
         num_views: viewpoint vocabulary size.
-        num_query: the first ``num_query`` items of ``val`` are queries.
-        num_trials: evaluation trials to average (VehicleID: ``TEST.VEHICLEID_TRIALS``, else 1).
-        dataset: the combined dataset (train of all, query/gallery of the first).
+        num_query: ``tests[0].num_query``: the first ``num_query`` items of ``val`` are queries.
+        num_trials: ``tests[0].num_trials``.
+        dataset: the combined dataset (train of all, query/gallery of the first of NAMES).
         datasets: the parsed datasets in ``DATASETS.NAMES`` order.
+        tests: the evaluated sets: one per ``DATASETS.TEST_NAMES`` entry, or the first of
+            ``DATASETS.NAMES`` (``dataset``'s query/gallery) when that list is empty.
     """
 
     train_stage1: DataLoader
@@ -243,6 +362,7 @@ class DataBundle:
     num_trials: int
     dataset: ReIDDataset
     datasets: list[ReIDDataset]
+    tests: list[TestSet]
     _make_train: Callable[[list[ImageRecord]], DataLoader] = field(repr=False)
 
     def set_train_labels(self, indices: Sequence[int], labels: Sequence[int]) -> DataLoader:
@@ -428,24 +548,28 @@ def build_dataloaders(cfg: CfgNode) -> DataBundle:
         **_loader_kwargs(workers, seed + 2, persistent=False),
     )
 
-    val = DataLoader(  # never replaces an image: unreadable ones were left out above
-        ImageDataset(dataset.query + dataset.gallery, test_tf, skip_corrupt=False),
-        batch_size=int(cfg.TEST.IMS_PER_BATCH),
-        shuffle=False,
-        **_loader_kwargs(workers, seed + 3, persistent=False),
-    )
+    def make_eval_loader(ds: ReIDDataset) -> DataLoader:
+        return DataLoader(  # never replaces an image: unreadable ones were left out before
+            ImageDataset(ds.query + ds.gallery, test_tf, skip_corrupt=False),
+            batch_size=int(cfg.TEST.IMS_PER_BATCH),
+            shuffle=False,
+            **_loader_kwargs(workers, seed + 3, persistent=False),
+        )
+
+    tests = build_test_sets(cfg, dataset, parts, make_eval_loader)
 
     return DataBundle(
         train_stage1=train_stage1,
         train_stage2=train_stage2,
-        val=val,
+        val=tests[0].val,
         train_eval=train_eval,
         num_classes=dataset.num_train_pids,
         num_cameras=dataset.num_cameras,
         num_views=dataset.num_views,
-        num_query=len(dataset.query),
-        num_trials=int(cfg.TEST.VEHICLEID_TRIALS) if dataset.has_trials else 1,
+        num_query=tests[0].num_query,
+        num_trials=tests[0].num_trials,
         dataset=dataset,
         datasets=parts,
+        tests=tests,
         _make_train=make_train,
     )

@@ -29,6 +29,7 @@ from model.prompt_learner import PromptLearner
 __all__ = [
     "HEADS",
     "NECK_FEATS",
+    "SIE_FALLBACKS",
     "TRAINABLE_PARTS",
     "PATCH_EMBED_PREFIX",
     "ReIDModel",
@@ -46,6 +47,10 @@ TRAINABLE_PARTS = ("prompts", "image", "image+prompts")
 PATCH_EMBED_PREFIX = "image_encoder.conv1."
 # State-dict prefixes of the text side (absent from the baseline model).
 TEXT_PREFIXES = ("prompt_learner.", "text_encoder.")
+# What an SIE model adds for an image whose camera / viewpoint id is not given: 'none' adds
+# nothing (the official behaviour when ids are not passed); 'mean' adds the mean of the SIE rows
+# the missing id could select (the expected SIE vector under a uniform prior on the ids).
+SIE_FALLBACKS = ("none", "mean")
 
 
 class ReIDTrainOutput(NamedTuple):
@@ -230,40 +235,80 @@ class ReIDModel(nn.Module):
         return dims.final + dims.proj
 
     def sie_vectors(
-        self, camids: Tensor | None = None, viewids: Tensor | None = None
+        self,
+        camids: Tensor | None = None,
+        viewids: Tensor | None = None,
+        fallback: str = "none",
     ) -> Tensor | None:
-        """Scaled SIE vectors for a batch, or ``None`` when SIE is off or no ids are given.
+        """Scaled SIE vectors for a batch; what a missing id gets is set by ``fallback``.
+
+        With both ids of the model's SIE given (or the one it uses), the vector of the table row
+        they index (camera x view: ``cam * V + view``, as the official code). For a missing id:
+
+        * ``fallback='none'``: no SIE vector (``None``), as the official code without ids;
+          camera x view SIE with only one of the two ids is an error.
+        * ``fallback='mean'``: the mean of the rows the missing id could select: all rows
+          (camera or view SIE, or neither id of camera x view SIE), or the rows of the given
+          camera (view) averaged over the views (cameras).
 
         Args:
             camids: camera ids, int64 [B] (0-based), or ``None``.
             viewids: viewpoint ids, int64 [B] (0-based), or ``None``.
+            fallback: one of :data:`SIE_FALLBACKS`.
 
         Returns:
-            ``SIE_COE * cv_embed[index]`` [B, D_v], or ``None``.
+            ``SIE_COE * row`` [B, D_v]; [1, D_v] (one vector for the whole batch) when the fallback
+            replaces every id; ``None`` without SIE or with the 'none' fallback for missing ids.
 
         Raises:
-            ValueError: camera x view SIE with only one of the two id tensors.
+            ValueError: an unknown ``fallback``, or camera x view SIE with only one id tensor and
+                the 'none' fallback.
         """
+        if fallback not in SIE_FALLBACKS:
+            raise ValueError(f"SIE fallback must be one of {SIE_FALLBACKS}, got {fallback!r}")
         if self.cv_embed is None:
             return None
+        table = self.cv_embed
         if self.sie_camera and self.sie_view:
-            if camids is None and viewids is None:
-                return None
-            if camids is None or viewids is None:
+            grid = table.view(self.num_cameras, self.num_views, -1)  # [C, V, D_v]
+            if camids is not None and viewids is not None:
+                rows = table[(camids * self.num_views + viewids).to(table.device)]
+            elif fallback == "none":
+                if camids is None and viewids is None:
+                    return None
                 raise ValueError("Camera x view SIE needs both camids and viewids")
-            index = camids * self.num_views + viewids
-        elif self.sie_camera:
-            if camids is None:
-                return None
-            index = camids
+            elif camids is not None:
+                rows = grid.mean(1)[camids.to(table.device)]
+            elif viewids is not None:
+                rows = grid.mean(0)[viewids.to(table.device)]
+            else:
+                rows = table.mean(0, keepdim=True)
         else:
-            if viewids is None:
+            ids = camids if self.sie_camera else viewids
+            if ids is not None:
+                rows = table[ids.to(table.device)]
+            elif fallback == "none":
                 return None
-            index = viewids
-        return self.sie_coe * self.cv_embed[index.to(self.cv_embed.device)]
+            else:
+                rows = table.mean(0, keepdim=True)
+        return self.sie_coe * rows
+
+    def mean_sie_vector(self) -> Tensor | None:
+        """The SIE vector of an image without any id under the 'mean' fallback.
+
+        Returns:
+            ``SIE_COE * mean(cv_embed rows)`` [D_v], or ``None`` without SIE.
+        """
+        sie = self.sie_vectors(fallback="mean")
+        return None if sie is None else sie[0]
 
     def image_features(
-        self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
+        self,
+        images: Tensor,
+        camids: Tensor | None = None,
+        viewids: Tensor | None = None,
+        *,
+        sie_fallback: str = "none",
     ) -> VisionFeatures:
         """The three pre-BN image features.
 
@@ -271,11 +316,15 @@ class ReIDModel(nn.Module):
             images: [B, 3, H, W].
             camids: optional camera ids [B] (used when the camera SIE is enabled).
             viewids: optional view ids [B] (used when the view SIE is enabled).
+            sie_fallback: the SIE vector of missing ids (see :meth:`sie_vectors`).
 
         Returns:
             ``VisionFeatures(last, final, proj)``.
         """
-        return self.image_encoder(images, self.sie_vectors(camids, viewids))
+        sie = self.sie_vectors(camids, viewids, sie_fallback)
+        if sie is not None and sie.shape[0] != images.shape[0]:
+            sie = sie.expand(images.shape[0], -1)  # one fallback vector for the whole batch
+        return self.image_encoder(images, sie)
 
     def _neck(self, feats: VisionFeatures) -> Tensor:
         """cat(BN(f), BN(f_proj)) [B, D + E] (train- or eval-mode BN, as the module is)."""
@@ -287,7 +336,12 @@ class ReIDModel(nn.Module):
         return torch.cat([feats.final, feats.proj], dim=1)
 
     def encode_image(
-        self, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
+        self,
+        images: Tensor,
+        camids: Tensor | None = None,
+        viewids: Tensor | None = None,
+        *,
+        sie_fallback: str = "none",
     ) -> Tensor:
         """Evaluation feature: cat(f, f_proj) (``neck_feat='before'``) or their BNNeck outputs.
 
@@ -300,11 +354,14 @@ class ReIDModel(nn.Module):
             images: [B, 3, H, W].
             camids: optional camera ids [B] (SIE).
             viewids: optional view ids [B] (SIE).
+            sie_fallback: the SIE vector of missing ids, 'none' or 'mean' (see
+                :meth:`sie_vectors`).
 
         Returns:
             [B, D + E] (1280 for ViT-B-16, 3072 for RN50).
         """
-        return self._eval_feature(self.image_features(images, camids, viewids))
+        feats = self.image_features(images, camids, viewids, sie_fallback=sie_fallback)
+        return self._eval_feature(feats)
 
     def encode_image_proj(self, images: Tensor) -> Tensor:
         """Projected CLIP feature f_proj without SIE or BNNeck (stage-1 feature caching).

@@ -13,6 +13,7 @@ from processor.common import autocast, batch_ids, batch_images
 from utils.logger import progress
 from utils.metrics import EvalResult, evaluate_features
 from utils.reranking import RerankParams
+from utils.roc import ROC_FPRS, tpr_summary
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +77,30 @@ class FeatureSet:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How features are extracted and scored (built from the config by ``build_eval_settings``)."""
+    """How features are extracted and scored (built from the config by ``build_eval_settings``).
+
+    Attributes:
+        feat_norm: L2-normalise the features before the distances (``TEST.FEAT_NORM``).
+        max_rank: CMC length (``TEST.MAX_RANK``).
+        memory_mb: working-memory budget of the evaluation (``TEST.EVAL_MEMORY_MB``).
+        rerank: k-reciprocal re-ranking parameters, or None (``TEST.RE_RANKING``).
+        amp_dtype: autocast precision on CUDA (``MODEL.AMP_DTYPE``).
+        flip_feat: average each image's feature with its horizontal mirror's
+            (``TEST.FLIP_FEAT``).
+        sie_fallback: SIE vector of images without usable camera/view ids, 'mean' or 'none'
+            (``TEST.SIE_FALLBACK``; see ``ReIDModel.sie_vectors``).
+        roc: also report TPR at the false-positive rates ``utils.roc.ROC_FPRS`` of the
+            verification ROC (``TEST.ROC``).
+    """
 
     feat_norm: bool
     max_rank: int
     memory_mb: int
     rerank: RerankParams | None
     amp_dtype: str
+    flip_feat: bool = False
+    sie_fallback: str = "mean"
+    roc: bool = False
 
 
 def build_eval_settings(cfg) -> EvalSettings:
@@ -108,7 +126,46 @@ def build_eval_settings(cfg) -> EvalSettings:
         memory_mb=cfg.TEST.EVAL_MEMORY_MB,
         rerank=rerank,
         amp_dtype=cfg.MODEL.AMP_DTYPE,
+        flip_feat=bool(cfg.TEST.FLIP_FEAT),
+        sie_fallback=cfg.TEST.SIE_FALLBACK,
+        roc=bool(cfg.TEST.ROC),
     )
+
+
+def encode_batch(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    camids: torch.Tensor | None,
+    viewids: torch.Tensor | None,
+    settings: EvalSettings,
+) -> torch.Tensor:
+    """The evaluation feature of one batch: the one model call of every inference path.
+
+    Runs ``model.encode_image`` under autocast (``settings.amp_dtype``, CUDA only). With
+    ``settings.flip_feat`` the feature is the mean of the image's and its horizontal mirror's
+    features, before any normalisation (as fast-reid's flip test). Missing ids (``None``) get the
+    model's SIE fallback ``settings.sie_fallback`` (passed to the model only when it is not
+    'none', so any object with ``encode_image(images, camids, viewids)`` works without SIE).
+
+    Args:
+        model: the ReID model in eval mode (``encode_image``).
+        images: float [B, 3, H, W] on the model's device.
+        camids: int64 [B] camera ids, or None when unknown.
+        viewids: int64 [B] view ids, or None when unknown.
+        settings: evaluation settings (precision, flip, SIE fallback).
+
+    Returns:
+        float32 [B, D] features, not normalised.
+    """
+    kwargs = {}
+    if settings.sie_fallback != "none" and (camids is None or viewids is None):
+        kwargs["sie_fallback"] = settings.sie_fallback
+    with autocast(images.device, settings.amp_dtype):
+        feats = model.encode_image(images, camids=camids, viewids=viewids, **kwargs).float()
+        if settings.flip_feat:
+            mirrored = model.encode_image(images.flip(3), camids=camids, viewids=viewids, **kwargs)
+            feats = (feats + mirrored.float()) / 2
+    return feats
 
 
 @torch.no_grad()
@@ -117,14 +174,19 @@ def extract_features(
     loader: torch.utils.data.DataLoader,
     device: torch.device,
     settings: EvalSettings,
+    *,
+    pass_ids: bool = True,
 ) -> FeatureSet:
-    """Run the model in eval mode over a loader.
+    """Run the model in eval mode over a loader (:func:`encode_batch` per batch).
 
     Args:
         model: the ReID model (``encode_image``).
         loader: yields dict batches (images, pids, camids, viewids, paths).
         device: where the model runs.
-        settings: evaluation settings (precision).
+        settings: evaluation settings (precision, flip, SIE fallback).
+        pass_ids: give the batches' camera/view ids to the model (SIE); False when they are not
+            the ids the model was trained with (a test set of another dataset): the model then
+            uses ``settings.sie_fallback``. The returned set keeps the loader's ids either way.
 
     Returns:
         A :class:`FeatureSet` in loader order, features float32 [N, D] on ``device``.
@@ -136,10 +198,8 @@ def extract_features(
         loader, total=len(loader), desc="features", unit="batches", log_lines=True
     ):
         images = batch_images(batch, model, device)
-        _, cams, views = batch_ids(batch, device)
-        with autocast(device, settings.amp_dtype):
-            out = model.encode_image(images, camids=cams, viewids=views)
-        feats.append(out.float())
+        _, cams, views = batch_ids(batch, device) if pass_ids else (None, None, None)
+        feats.append(encode_batch(model, images, cams, views, settings))
         pids.append(batch["pids"].numpy())
         camids.append(batch["camids"].numpy())
         viewids.append(batch["viewids"].numpy())
@@ -161,7 +221,8 @@ def summarize(result: EvalResult) -> dict[str, float]:
         result: an :class:`EvalResult`.
 
     Returns:
-        mAP, mINP, rank1, rank5, rank10 (fractions in [0, 1]) and num_valid_queries.
+        mAP, mINP, rank1, rank5, rank10 (fractions in [0, 1]) and num_valid_queries; with the
+        ROC (``TEST.ROC``) also ``tpr@fpr1e-4``, ``tpr@fpr1e-3`` and ``tpr@fpr1e-2``.
     """
     cmc = np.asarray(result.cmc)
 
@@ -175,6 +236,7 @@ def summarize(result: EvalResult) -> dict[str, float]:
         "rank5": rank(5),
         "rank10": rank(10),
         "num_valid_queries": int(result.num_valid_queries),
+        **tpr_summary(getattr(result, "tpr_at_fpr", None)),
     }
 
 
@@ -266,6 +328,7 @@ def evaluate_sets(
         keep_topk=keep_topk,
         memory_budget_mb=settings.memory_mb,
         rerank=settings.rerank,
+        roc_fprs=ROC_FPRS if settings.roc else (),
     )
 
 
@@ -288,6 +351,68 @@ def summarize_trials(results: list[EvalResult]) -> dict[str, float]:
     return mean
 
 
+def evaluate_test_sets(
+    model: torch.nn.Module,
+    data,
+    settings: EvalSettings,
+    device: torch.device,
+    features: FeatureSet | None = None,
+    *,
+    keep_topk: int = 0,
+) -> list[tuple[object, FeatureSet, list[EvalResult]]]:
+    """Evaluate every test set of a bundle (``DATASETS.TEST_NAMES``), each on its own.
+
+    Args:
+        model: the ReID model.
+        data: the ``DataBundle`` (its ``tests``; a bundle-like object without ``tests`` is
+            evaluated as its single set).
+        settings: evaluation settings.
+        device: where the model runs.
+        features: :func:`extract_features` of the first set when the caller has them.
+        keep_topk: per-query top-k lists to keep (ranked lists).
+
+    Returns:
+        One ``(test set, its features, its per-trial results)`` per test set, in order.
+    """
+    out = []
+    for i, test in enumerate(getattr(data, "tests", None) or [data]):
+        feats = features if i == 0 and features is not None else None
+        if feats is None:
+            pass_ids = bool(getattr(test, "ids_known", True))
+            feats = extract_features(model, test.val, device, settings, pass_ids=pass_ids)
+        out.append((test, feats, evaluate_trials(feats, test, settings, keep_topk=keep_topk)))
+    return out
+
+
+def summarize_test_sets(
+    evaluated: list[tuple[object, FeatureSet, list[EvalResult]]],
+) -> dict[str, float]:
+    """The summary of the first test set, with every set's under ``'test_sets'`` when several.
+
+    Args:
+        evaluated: :func:`evaluate_test_sets` output.
+
+    Returns:
+        :func:`summarize_trials` of the first set; with more than one set also
+        ``'test_sets': {name: summary}`` for all of them (the first included). Each further set
+        is logged in one line.
+    """
+    first = summarize_trials(evaluated[0][2])
+    if len(evaluated) == 1:
+        return first
+    summaries = {test.name: summarize_trials(results) for test, _, results in evaluated}
+    for name, s in summaries.items():
+        logger.info(
+            "test set %s: mAP %.1f%%  R1 %.1f%%  R5 %.1f%%  mINP %.1f%%",
+            name,
+            100 * s["mAP"],
+            100 * s["rank1"],
+            100 * s["rank5"],
+            100 * s["mINP"],
+        )
+    return {**first, "test_sets": summaries}
+
+
 def evaluate_bundle(
     model: torch.nn.Module,
     data,
@@ -295,19 +420,19 @@ def evaluate_bundle(
     device: torch.device,
     features: FeatureSet | None = None,
 ) -> dict[str, float]:
-    """Evaluate on a data bundle's query/gallery; VehicleID averages its gallery-draw trials.
+    """Evaluate on a data bundle's test sets; VehicleID averages its gallery-draw trials.
 
     Args:
         model: the ReID model.
         data: the ``DataBundle`` of ``datasets.build.build_dataloaders``.
         settings: evaluation settings.
         device: where the model runs.
-        features: :func:`extract_features` of ``data.val`` when the caller has already extracted
-            them (to reuse them afterwards); None extracts them here.
+        features: :func:`extract_features` of ``data.val`` (the first test set) when the caller
+            has already extracted them (to reuse them afterwards); None extracts them here.
 
     Returns:
-        :func:`summarize` of the single evaluation, or the mean over trials (with ``num_trials``).
+        :func:`summarize` of the first test set's evaluation, or the mean over trials (with
+        ``num_trials``); with several test sets (``DATASETS.TEST_NAMES``) also ``'test_sets'``:
+        ``{name: summary}`` of each (see :func:`summarize_test_sets`).
     """
-    if features is None:
-        features = extract_features(model, data.val, device, settings)
-    return summarize_trials(evaluate_trials(features, data, settings))
+    return summarize_test_sets(evaluate_test_sets(model, data, settings, device, features))

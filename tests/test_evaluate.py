@@ -7,7 +7,7 @@ from PIL import Image
 
 from configs.config import load_cfg
 from datasets.build import build_dataloaders
-from datasets.image_dataset import ImageDataset, collate_batch
+from datasets.image_dataset import ImageDataset, collate_batch, read_image
 from processor.evaluate import (
     FeatureSet,
     build_eval_settings,
@@ -50,6 +50,39 @@ def _vehicleid_cfg(tmp_path):
             "SOLVER.STAGE2.IMS_PER_BATCH", "8", "MODEL.DEVICE", "cpu",
         ],
     )  # fmt: skip
+
+
+class LeftWeighted(MeanColour):
+    """A stand-in whose feature changes when the image is mirrored: pixels weighted by column."""
+
+    def encode_image(self, images, camids=None, viewids=None):
+        ramp = torch.linspace(0.0, 1.0, images.shape[3])
+        return (images * ramp).mean(dim=(2, 3)) @ self.proj
+
+
+def test_flip_feature_is_the_mean_of_the_image_and_its_mirror(tmp_path):
+    _vehicleid(tmp_path)
+    cfg = _vehicleid_cfg(tmp_path)
+    cfg.defrost()
+    cfg.TEST.FLIP_FEAT = True
+    data = build_dataloaders(cfg)
+    model = LeftWeighted()
+    settings = build_eval_settings(cfg)
+    assert settings.flip_feat
+    got = extract_features(model, data.val, torch.device("cpu"), settings)
+    # Brute force: mirror the decoded pixels, then the test transform, one image at a time.
+    transform = data.val.dataset.transform
+    want = []
+    for path in got.paths:
+        pixels = read_image(path)
+        plain = model.encode_image(transform(pixels)[None])
+        mirrored = model.encode_image(transform(pixels.flip(2))[None])
+        want.append((plain + mirrored) / 2)
+    torch.testing.assert_close(got.feats, torch.cat(want).detach(), atol=1e-5, rtol=0)
+    without = extract_features(
+        model, data.val, torch.device("cpu"), build_eval_settings(_vehicleid_cfg(tmp_path))
+    )
+    assert not torch.allclose(without.feats, got.feats, atol=1e-3)
 
 
 class NotCalled(torch.nn.Module):

@@ -166,6 +166,20 @@ def test_camera_view_sie_needs_num_views(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), ref, rtol=0, atol=1e-4)
 
 
+def test_flip_feat_export_equals_the_extractor(tmp_path):
+    model, argv = _trained_run(tmp_path, TEST__FLIP_FEAT=True)
+    out = tmp_path / "flip.onnx"
+    meta = export_onnx.main([*argv, str(out), "--verify"])
+    assert meta["flip_feat"] is True and meta["verify_max_diff"] <= 1e-4
+    images = _images(3, seed=11)
+    got = torch.from_numpy(_session(out).run(["feats"], {"images": images.numpy()})[0])
+    with torch.no_grad():
+        mean = (model.encode_image(images) + model.encode_image(images.flip(3))) / 2
+        plain = model.encode_image(images)
+    torch.testing.assert_close(got, F.normalize(mean, dim=1), rtol=0, atol=1e-5)
+    assert not torch.allclose(got, F.normalize(plain, dim=1), atol=1e-3)
+
+
 def test_verify_and_fixed_batch(tmp_path, capsys):
     _, argv = _trained_run(tmp_path)
     meta = export_onnx.main([*argv, str(tmp_path / "v.onnx"), "--verify"])

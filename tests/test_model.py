@@ -338,6 +338,42 @@ def test_sie_camera_view_index_and_table_shapes():
     assert _model().cv_embed is None
 
 
+def test_sie_mean_fallback_by_hand():
+    both = _model(cams=3, views=4, MODEL__SIE_CAMERA=True, MODEL__SIE_VIEW=True, MODEL__SIE_COE=2.0)
+    t = both.cv_embed.detach()  # rows cam * 4 + view
+    cams, views = torch.tensor([0, 2]), torch.tensor([3, 1])
+    with torch.no_grad():
+        # Neither id: the mean of all 12 rows, one vector for the batch.
+        torch.testing.assert_close(
+            both.sie_vectors(fallback="mean"), 2.0 * (sum(t[i] for i in range(12)) / 12)[None]
+        )
+        # Only the camera: the mean over that camera's 4 view rows; only the view: over cameras.
+        by_cam = torch.stack([sum(t[c * 4 + v] for v in range(4)) / 4 for c in (0, 2)])
+        torch.testing.assert_close(both.sie_vectors(cams, None, "mean"), 2.0 * by_cam)
+        by_view = torch.stack([sum(t[c * 4 + v] for c in range(3)) / 3 for v in (3, 1)])
+        torch.testing.assert_close(both.sie_vectors(None, views, "mean"), 2.0 * by_view)
+        # Both ids given: the fallback changes nothing.
+        torch.testing.assert_close(
+            both.sie_vectors(cams, views, "mean"), both.sie_vectors(cams, views)
+        )
+        assert both.sie_vectors(fallback="none") is None
+        torch.testing.assert_close(both.mean_sie_vector(), 2.0 * t.mean(0))
+    with pytest.raises(ValueError, match="'none', 'mean'"):
+        both.sie_vectors(cams, views, "zero")
+
+    cam = _model(MODEL__SIE_CAMERA=True, MODEL__SIE_COE=1.5).eval()
+    x = torch.randn(3, 3, 256, 128)
+    with torch.no_grad():
+        mean = 1.5 * cam.cv_embed.mean(0)
+        # The features of the 'mean' fallback are those of the mean vector added to every image.
+        by_hand = cam._eval_feature(cam.image_encoder(x, mean.expand(3, -1)))
+        torch.testing.assert_close(cam.encode_image(x, sie_fallback="mean"), by_hand)
+        no_sie = cam._eval_feature(cam.image_encoder(x))
+        torch.testing.assert_close(cam.encode_image(x), no_sie)
+        assert not torch.allclose(by_hand, no_sie, atol=1e-4)
+    assert _model().mean_sie_vector() is None
+
+
 def test_resnet_sie_goes_to_attention_pool_only():
     model = _model("RN-T-test", MODEL__SIE_CAMERA=True).eval()
     x, cams = torch.randn(2, 3, 256, 128), torch.tensor([0, 1])

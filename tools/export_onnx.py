@@ -7,8 +7,10 @@ Usage (from the repository root):
 
 The exported graph takes ``images`` float32 [B, 3, H, W] at ``INPUT.SIZE_TEST``, preprocessed as
 the test transform does (RGB, bilinear resize, ``(x / 255 - PIXEL_MEAN) / PIXEL_STD``), and returns
-``feats`` float32 [B, D + E]: ``ReIDModel.encode_image`` in eval mode, L2-normalised per row when
-normalisation is on (default: ``TEST.FEAT_NORM``, as the evaluator compares features). With SIE
+``feats`` float32 [B, D + E]: the evaluator's feature (``processor.evaluate.encode_batch``:
+``ReIDModel.encode_image`` in eval mode, averaged with the mirrored image's with
+``TEST.FLIP_FEAT``), L2-normalised per row when normalisation is on (default: ``TEST.FEAT_NORM``,
+as the evaluator compares features). With SIE
 (``MODEL.SIE_CAMERA`` / ``MODEL.SIE_VIEW``) the graph also takes ``camids`` and/or ``viewids``
 int64 [B] (0-based, the training dataset's numbering).
 
@@ -18,12 +20,14 @@ the ``onnx`` package is installed, into the model's ``metadata_props`` (values J
 Only torch is needed to export: the TorchScript-based exporter (``dynamo=False``) is used because
 the dynamo exporter needs the extra ``onnxscript`` package. ``--verify`` runs the exported model
 with onnxruntime (``pip install onnxruntime``) on random inputs of batch 1 and 3 and fails when its
-output differs from PyTorch's by more than ``--atol`` (relative to the feature scale).
+output differs from the features of :class:`processor.extractor.FeatureExtractor` (the evaluator's,
+with the export's normalisation) by more than ``--atol`` (relative to the feature scale).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import warnings
@@ -39,6 +43,8 @@ from yacs.config import CfgNode
 from configs.config import load_cfg
 from model.loading import build_model_from_checkpoint
 from model.reid_model import ReIDModel
+from processor.evaluate import EvalSettings, encode_batch
+from processor.extractor import FeatureExtractor, build_feature_extractor
 from utils.checkpoint import write_json
 from utils.cli import UsageError, make_parser, parse_args, run_main
 from utils.logger import setup_logger
@@ -67,16 +73,28 @@ class EncoderForExport(nn.Module):
     Args:
         model: the ReID model (put in eval mode here: BNNecks use running statistics).
         normalize: L2-normalise each output row (``x / max(|x|, 1e-12)``, as the evaluator).
+        flip_feat: average with the mirrored image's feature (``TEST.FLIP_FEAT``).
 
     Attributes:
         sie_inputs: names of the id inputs after ``images``: ``()``, ``('camids',)``,
             ``('viewids',)`` or ``('camids', 'viewids')``, following the model's SIE flags.
     """
 
-    def __init__(self, model: ReIDModel, normalize: bool) -> None:
+    def __init__(self, model: ReIDModel, normalize: bool, flip_feat: bool = False) -> None:
         super().__init__()
         self.model = model.eval()
         self.normalize = bool(normalize)
+        # The evaluator's batch call in float32 (the graph runs in the precision it is given);
+        # SIE ids are graph inputs, so the fallback never applies.
+        self.settings = EvalSettings(
+            feat_norm=self.normalize,
+            max_rank=1,
+            memory_mb=1,
+            rerank=None,
+            amp_dtype="fp32",
+            flip_feat=bool(flip_feat),
+            sie_fallback="none",
+        )
         names = []
         if model.cv_embed is not None and model.sie_camera:
             names.append("camids")
@@ -97,7 +115,8 @@ class EncoderForExport(nn.Module):
         if len(ids) != len(self.sie_inputs):
             raise ValueError(f"expected id inputs {self.sie_inputs}, got {len(ids)} tensors")
         named = dict(zip(self.sie_inputs, ids, strict=True))
-        feats = self.model.encode_image(images, named.get("camids"), named.get("viewids"))
+        cams, views = named.get("camids"), named.get("viewids")
+        feats = encode_batch(self.model, images, cams, views, self.settings)
         if self.normalize:
             feats = F.normalize(feats, dim=1)
         return feats
@@ -124,6 +143,7 @@ def export_metadata(
     batch: int | None,
     opset: int,
     sie_inputs: Sequence[str],
+    flip_feat: bool = False,
 ) -> dict[str, Any]:
     """The description a deployment needs: preprocessing, inputs, output.
 
@@ -134,6 +154,7 @@ def export_metadata(
         batch: fixed batch size, or None for a dynamic batch axis.
         opset: ONNX opset version.
         sie_inputs: names of the int64 [B] id inputs.
+        flip_feat: the graph averages each image's feature with its mirror image's.
 
     Returns:
         A JSON-serialisable dict.
@@ -160,6 +181,7 @@ def export_metadata(
         "feature_dim": model.feat_dim,
         "feature_norm": bool(normalize),
         "neck_feat": model.neck_feat,
+        "flip_feat": bool(flip_feat),
         "distance": "cosine (dot product of normalised rows)"
         if normalize
         else "euclidean, or cosine after L2 normalisation (TEST.FEAT_NORM)",
@@ -168,9 +190,11 @@ def export_metadata(
     }
 
 
-def _example_inputs(wrapper: EncoderForExport, batch: int, seed: int = 0) -> tuple[Tensor, ...]:
+def _example_inputs(
+    wrapper: EncoderForExport, batch: int, seed: int = 0, size: Sequence[int] | None = None
+) -> tuple[Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
-    h, w = wrapper.model.image_encoder.image_size
+    h, w = wrapper.model.image_encoder.image_size if size is None else size
     images = torch.randn(batch, 3, h, w, generator=gen)
     model = wrapper.model
     highs = {"camids": max(model.num_cameras, 1), "viewids": max(model.num_views, 1)}
@@ -204,6 +228,7 @@ def export_onnx(
     normalize: bool,
     batch: int | None = None,
     opset: int = DEFAULT_OPSET,
+    flip_feat: bool = False,
 ) -> dict[str, Any]:
     """Export the evaluation feature of a model to ONNX, with its metadata.
 
@@ -214,13 +239,14 @@ def export_onnx(
         normalize: L2-normalise the output rows.
         batch: fixed batch size, or None for a dynamic batch axis.
         opset: ONNX opset version.
+        flip_feat: average each image's feature with its mirror image's (``TEST.FLIP_FEAT``).
 
     Returns:
         The metadata written to ``sidecar_path(out)`` (and to the model when onnx is installed).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = EncoderForExport(model, normalize).eval()
+    wrapper = EncoderForExport(model, normalize, flip_feat).eval()
     example = _example_inputs(wrapper, batch or 2)
     names = [INPUT_NAME, *wrapper.sie_inputs]
     dynamic_axes = None
@@ -256,6 +282,7 @@ def export_onnx(
         batch=batch,
         opset=opset,
         sie_inputs=wrapper.sie_inputs,
+        flip_feat=flip_feat,
     )
     in_model = _write_onnx_metadata(out, metadata)
     side = sidecar_path(out)
@@ -285,19 +312,21 @@ def _require_onnxruntime() -> Any:
 
 
 def verify_onnx(
-    model: ReIDModel,
+    extractor: FeatureExtractor,
     onnx_path: str | Path,
     *,
-    normalize: bool,
     batch_sizes: Sequence[int] = (1, 3),
     seed: int = 0,
 ) -> dict[int, float]:
-    """Run the exported model with onnxruntime and compare with PyTorch on random inputs.
+    """Run the exported model with onnxruntime and compare with the extractor's features.
+
+    The reference is :class:`processor.extractor.FeatureExtractor` on the same preprocessed
+    inputs: the evaluator's feature with the extractor's settings (its ``feat_norm`` should be
+    the export's normalisation, its ``flip_feat`` the export's flip).
 
     Args:
-        model: the exported ReID model.
+        extractor: the feature extractor of the exported model (on the CPU).
         onnx_path: the ONNX file.
-        normalize: whether the export normalises its output.
         batch_sizes: batch sizes to try (a fixed-batch export accepts only its own).
         seed: seed of the random images and ids.
 
@@ -310,17 +339,17 @@ def verify_onnx(
     """
     ort = _require_onnxruntime()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    wrapper = EncoderForExport(model, normalize).eval()
+    wrapper = EncoderForExport(extractor.model, extractor.settings.feat_norm)
     names = [INPUT_NAME, *wrapper.sie_inputs]
     errors = {}
     for b in batch_sizes:
-        inputs = _example_inputs(wrapper, int(b), seed=seed + int(b))
-        with torch.no_grad():
-            ref = wrapper(*inputs)
+        inputs = _example_inputs(wrapper, int(b), seed + int(b), extractor.input_size)
+        named = dict(zip(wrapper.sie_inputs, inputs[1:], strict=True))
+        ref = extractor(inputs[0], named.get("camids"), named.get("viewids"))
         got = session.run(
             [OUTPUT_NAME], {n: t.numpy() for n, t in zip(names, inputs, strict=True)}
         )[0]
-        diff = (torch.from_numpy(got) - ref).abs().max().item()
+        diff = (torch.from_numpy(got) - ref.cpu()).abs().max().item()
         scale = max(1.0, ref.abs().max().item())
         errors[int(b)] = diff / scale
         logger.info("verify batch %d: max abs difference %.3g (feature scale %.3g)", b, diff, scale)
@@ -399,12 +428,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = load_cfg(args.config_file or None, opts)
     model = build_model_from_checkpoint(cfg, args.weights, num_views=args.num_views)
     normalize = bool(cfg.TEST.FEAT_NORM) if args.normalize is None else bool(args.normalize)
+    extractor = build_feature_extractor(cfg, model, torch.device("cpu"))
+    extractor.settings = dataclasses.replace(extractor.settings, feat_norm=normalize)
+    flip_feat = extractor.settings.flip_feat
     metadata = export_onnx(
-        model, args.out, cfg, normalize=normalize, batch=args.batch, opset=args.opset
+        model,
+        args.out,
+        cfg,
+        normalize=normalize,
+        batch=args.batch,
+        opset=args.opset,
+        flip_feat=flip_feat,
     )
     if args.verify:
         sizes = (1, 3) if args.batch is None else (args.batch,)
-        errors = verify_onnx(model, args.out, normalize=normalize, batch_sizes=sizes)
+        errors = verify_onnx(extractor, args.out, batch_sizes=sizes)
         worst = max(errors.values())
         metadata["verify_max_diff"] = worst
         if worst > args.atol:

@@ -8,8 +8,9 @@ Examples (from the repository root)::
         --weights RUN/ViT-B-16_60.pth --query query_dir --topk 10 --out results --visualize
 
 Both commands accept ``KEY VALUE`` config overrides anywhere, as ``test_clipreid.py`` does.
-Features are those of evaluation: the test transform (``INPUT.SIZE_TEST``, mean, std), the
-model's ``encode_image`` (``TEST.NECK_FEAT``) and, with ``TEST.FEAT_NORM``, L2 normalisation;
+Features are those of evaluation (:class:`processor.extractor.FeatureExtractor`): the test
+transform (``INPUT.SIZE_TEST``, mean, std), the model's ``encode_image`` (``TEST.NECK_FEAT``,
+``TEST.FLIP_FEAT``) and, with ``TEST.FEAT_NORM``, L2 normalisation;
 gallery images are ranked by cosine similarity, which orders them as the evaluator's squared
 Euclidean distance on normalised features does (``|q - g|^2 = 2 - 2 cos``). Without
 ``TEST.FEAT_NORM`` they are ranked by squared Euclidean distance on the raw features.
@@ -39,16 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
 from configs.config import load_cfg
-from datasets.bases import IMAGE_EXTENSIONS, CorruptImageError, ImageRecord
-from datasets.image_dataset import ImageDataset, collate_batch
-from datasets.transforms import build_transforms
+from datasets.bases import IMAGE_EXTENSIONS, CorruptImageError
 from model.loading import build_model_from_checkpoint
 from model.reid_model import ReIDModel
-from processor.evaluate import build_eval_settings, extract_features
+from processor.extractor import build_feature_extractor
 from utils.ann import (
     ANN_KINDS,
     AnnParams,
@@ -91,6 +89,7 @@ FEATURE_KEYS = (
     "INPUT.PIXEL_STD",
     "TEST.NECK_FEAT",
     "TEST.FEAT_NORM",
+    "TEST.FLIP_FEAT",
 )
 # Gallery rows scored at once: an fp16 index is widened to float32 one chunk at a time.
 GALLERY_CHUNK = 8192
@@ -229,12 +228,12 @@ def compute_features(
     camid: int | None = None,
     viewid: int | None = None,
 ) -> torch.Tensor:
-    """Evaluation features of image files, exactly as ``processor.evaluate`` extracts them.
+    """Evaluation features of image files: :class:`processor.extractor.FeatureExtractor`'s.
 
     Args:
         model: the ReID model (moved to ``device``).
         cfg: configuration (INPUT.SIZE_TEST/PIXEL_MEAN/PIXEL_STD, TEST.IMS_PER_BATCH,
-            TEST.FEAT_NORM, DATALOADER.NUM_WORKERS and the SIE/precision keys).
+            TEST.FEAT_NORM, TEST.FLIP_FEAT, DATALOADER.NUM_WORKERS and the SIE/precision keys).
         paths: N image files.
         device: where the model runs.
         camid: camera id of every image (camera SIE only).
@@ -244,29 +243,15 @@ def compute_features(
         float32 [N, D] on the CPU, L2-normalised per row when ``TEST.FEAT_NORM``.
 
     Raises:
-        SearchError: an image cannot be read (the message names it).
+        SearchError: an image cannot be read (the message names it), or missing SIE ids.
     """
     check_sie_ids(cfg, model, camid, viewid)
-    _, transform = build_transforms(cfg)  # the test transform of the run's config
-    records = [ImageRecord(p, 0, camid or 0, viewid or 0) for p in paths]
-    workers = min(int(cfg.DATALOADER.NUM_WORKERS), max(1, len(paths) // 64))
-    loader = DataLoader(
-        ImageDataset(records, transform, skip_corrupt=False),
-        batch_size=int(cfg.TEST.IMS_PER_BATCH),
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=collate_batch,
-    )
+    extractor = build_feature_extractor(cfg, model, device)
     try:
-        feats = extract_features(model, loader, device, build_eval_settings(cfg)).feats
+        feats = extractor(list(paths), camids=camid, viewids=viewid)
     except CorruptImageError as err:
         raise SearchError(str(err).split(" Set DATASETS")[0]) from err
-    feats = feats.float().cpu()
-    if cfg.TEST.FEAT_NORM:
-        # Same arithmetic as the evaluator (x / max(|x|, eps)).
-        feats = torch.nn.functional.normalize(feats, dim=1)
-    return feats
+    return feats.cpu()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from utils.distance import (
 from utils.logger import Progress
 from utils.match_ranks import MatchRanker
 from utils.reranking import RerankParams, k_reciprocal_rerank_chunks
+from utils.roc import TprAtFpr, count_negative_pairs, tpr_summary
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class EvalResult:
             same-identity same-camera items left out, ties by gallery index), -1 past the end
             of a short list; None unless asked for (``keep_topk``).
         topk_distances: float32 [Q, k], their distances (inf past the end); None likewise.
+        tpr_at_fpr: ``{fpr: tpr}`` of the verification ROC over the query-gallery pairs
+            (:mod:`utils.roc`); None unless asked for (``roc_fprs``).
     """
 
     cmc: np.ndarray
@@ -81,6 +84,7 @@ class EvalResult:
     first_match_rank: np.ndarray
     topk_indices: np.ndarray | None = None
     topk_distances: np.ndarray | None = None
+    tpr_at_fpr: dict[float, float] | None = None
 
     @property
     def valid(self) -> np.ndarray:
@@ -102,7 +106,8 @@ class EvalResult:
         """The usual summary numbers: mAP, mINP, rank1, rank5, rank10 and the query counts.
 
         Returns:
-            A JSON-serialisable dict of plain floats and ints.
+            A JSON-serialisable dict of plain floats and ints, plus ``tpr@fpr1e-4``-style keys
+            when the ROC was computed.
         """
         return {
             "mAP": float(self.mAP),
@@ -112,6 +117,7 @@ class EvalResult:
             "rank10": self.rank(10),
             "num_valid_queries": int(self.num_valid_queries),
             "num_queries": int(self.num_queries),
+            **tpr_summary(self.tpr_at_fpr),
         }
 
 
@@ -215,9 +221,19 @@ class _BlockEvaluator:
     Ids are copied to each block's device once; the ranker (and its buffers) follows the device.
     """
 
-    def __init__(self, ids: tuple[np.ndarray, ...], keep_topk: int, memory_budget_mb: float):
+    def __init__(
+        self,
+        ids: tuple[np.ndarray, ...],
+        keep_topk: int,
+        memory_budget_mb: float,
+        roc_fprs: Sequence[float] = (),
+    ):
         self.ids = ids  # q_pids, g_pids, q_camids, g_camids (int64 numpy)
         num_q = len(ids[0])
+        self.roc = None
+        if roc_fprs:
+            num_neg = count_negative_pairs(ids[0], ids[1])
+            self.roc = TprAtFpr(roc_fprs, num_neg, len(ids[1]), memory_budget_mb)
         self.keep_topk, self.memory_budget_mb = keep_topk, memory_budget_mb
         self.ap = np.full(num_q, np.nan)
         self.inp = np.full(num_q, np.nan)
@@ -240,6 +256,8 @@ class _BlockEvaluator:
             q_pids[start:stop], q_camids[start:stop]
         )
         ap, inp, first = self.ranker.rank(block, gidx, positive, removed)
+        if self.roc is not None:
+            self.roc.add(block, gidx, positive, removed)
         self.ap[start:stop] = ap.cpu().numpy()
         self.inp[start:stop] = inp.cpu().numpy()
         self.first[start:stop] = first.cpu().numpy()
@@ -275,6 +293,7 @@ class _BlockEvaluator:
             first_match_rank=self.first,
             topk_indices=self.topk_indices if keep else None,
             topk_distances=self.topk_distances if keep else None,
+            tpr_at_fpr=self.roc.result() if self.roc is not None else None,
         )
 
 
@@ -290,6 +309,7 @@ def evaluate_distmat_chunks(
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = True,
     desc: str = "evaluation",
+    roc_fprs: Sequence[float] = (),
 ) -> EvalResult:
     """Exact CMC / mAP / mINP from distance blocks that arrive one query chunk at a time.
 
@@ -310,6 +330,8 @@ def evaluate_distmat_chunks(
         memory_budget_mb: budget for the ranking work of one block (MiB), not counting the block.
         show_progress: tqdm bar on a terminal, periodic log lines otherwise.
         desc: label of the progress output.
+        roc_fprs: false-positive rates at which to report the verification TPR
+            (``EvalResult.tpr_at_fpr``, :mod:`utils.roc`); empty: no ROC.
 
     Returns:
         An :class:`EvalResult`.
@@ -321,7 +343,7 @@ def evaluate_distmat_chunks(
     g_pids_np = _as_numpy_ids(g_pids, "g_pids")
     num_q, num_g = len(q_pids_np), len(g_pids_np)
     ids = _check_ids(q_pids_np, g_pids_np, q_camids, g_camids, num_q, num_g)
-    evaluator = _BlockEvaluator(ids, int(keep_topk), memory_budget_mb)
+    evaluator = _BlockEvaluator(ids, int(keep_topk), memory_budget_mb, roc_fprs)
     done = 0
     bar = Progress(num_q, desc, "queries", enabled=show_progress, log=logger)
     try:
@@ -367,6 +389,7 @@ def evaluate_distmat(
     keep_topk: int = 0,
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     show_progress: bool = True,
+    roc_fprs: Sequence[float] = (),
 ) -> EvalResult:
     """Exact metrics of a precomputed dense distance matrix, ranked in row blocks.
 
@@ -380,6 +403,8 @@ def evaluate_distmat(
         keep_topk: per-query top-k lists to keep (see :func:`evaluate_distmat_chunks`).
         memory_budget_mb: working-memory budget (MiB).
         show_progress: progress bar or log lines.
+        roc_fprs: false-positive rates of the verification TPR (see
+            :func:`evaluate_distmat_chunks`).
 
     Returns:
         An :class:`EvalResult` (same numbers as :func:`eval_func`, plus mINP).
@@ -399,6 +424,7 @@ def evaluate_distmat(
         keep_topk=keep_topk,
         memory_budget_mb=memory_budget_mb / 2,
         show_progress=show_progress,
+        roc_fprs=roc_fprs,
     )
 
 
@@ -416,6 +442,7 @@ def evaluate_features(
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB,
     rerank: RerankParams | None = None,
     show_progress: bool = True,
+    roc_fprs: Sequence[float] = (),
 ) -> EvalResult:
     """Exact, memory-bounded ReID evaluation from query and gallery features.
 
@@ -439,6 +466,8 @@ def evaluate_features(
             themselves (and the re-ranking neighbour structures) come on top.
         rerank: k-reciprocal re-ranking parameters, or None for plain distances.
         show_progress: progress bar or log lines.
+        roc_fprs: false-positive rates at which to report the verification TPR over the
+            evaluated (re-ranked with ``rerank``) distances; empty: no ROC.
 
     Returns:
         An :class:`EvalResult` with cmc [min(max_rank, G)], mAP, mINP and per-query values.
@@ -476,4 +505,5 @@ def evaluate_features(
         memory_budget_mb=memory_budget_mb / 2,
         show_progress=show_progress,
         desc="re-ranked evaluation" if rerank is not None else "evaluation",
+        roc_fprs=roc_fprs,
     )
