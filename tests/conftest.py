@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tiny models run fastest single-threaded, and a busy machine cannot stall them in thread sync.
@@ -67,6 +68,13 @@ def last_eval(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
     return [r["eval"] for r in records if "eval" in r][-1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_root_logger_per_module():
+    """Entry scripts and tools configure the root logger; every test module starts without."""
+    with restored_root_logger():
+        yield
 
 
 @contextlib.contextmanager

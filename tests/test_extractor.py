@@ -15,19 +15,12 @@ from datasets.image_dataset import read_image
 from model.loading import build_model_from_checkpoint
 from processor.evaluate import build_eval_settings, extract_features
 from processor.extractor import FeatureExtractor, run_weights
-from tests.conftest import restored_root_logger, tiny_run_opts
+from tests.conftest import tiny_run_opts
 from utils.distance import prepare_features
 
 CPU = torch.device("cpu")
 # Features of the same image from two paths (batch sizes, input kinds) agree to this.
 ATOL = 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """train_clipreid configures the root logger (as entry scripts do); later files expect none."""
-    with restored_root_logger():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,11 @@ from datasets.image_dataset import read_image
 from datasets.synthetic import generate_synthetic_reid
 from datasets.transforms import build_test_transform
 from model.build import build_model
-from tests.conftest import PickleExploit, restored_root_logger
+from tests.conftest import PickleExploit
 from tools import search
 from utils.checkpoint import CheckpointFormatError, sha256_file
 
 H, W = 64, 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """The tool configures the root logger (as entry scripts do); later test files expect none."""
-    with restored_root_logger():
-        yield
 
 
 def _opts(out, extra=()):

@@ -11,17 +11,10 @@ from configs.config import ConfigError, load_cfg
 from datasets.build import build_dataloaders
 from datasets.synthetic import generate_synthetic_reid
 from processor.extractor import FeatureExtractor
-from tests.conftest import last_eval, restored_root_logger, tiny_run_opts
+from tests.conftest import last_eval, tiny_run_opts
 from utils.metrics import eval_func
 
 KEYS = ("mAP", "mINP", "rank1", "rank5", "rank10", "num_valid_queries")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """The entry scripts configure the root logger; later test files expect none."""
-    with restored_root_logger():
-        yield
 
 
 def _second_set(root):

@@ -12,16 +12,9 @@ from datasets.build import build_datasets
 from datasets.image_dataset import read_image
 from datasets.transforms import build_test_transform
 from model.loading import build_model_from_checkpoint
-from tests.conftest import restored_root_logger, tiny_run_opts
+from tests.conftest import tiny_run_opts
 from tools import attention, search, tsne
 from utils.drawing import GAP
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_logging():
-    """The tools configure the root logger (as entry scripts do); later test files expect none."""
-    with restored_root_logger():
-        yield
 
 
 @pytest.fixture(scope="module")
