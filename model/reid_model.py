@@ -293,6 +293,25 @@ class ReIDModel(nn.Module):
                 rows = table.mean(0, keepdim=True)
         return self.sie_coe * rows
 
+    def missing_sie_ids(self, camids: object, viewids: object) -> list[str]:
+        """The ids this model's SIE uses that a call leaves out (they get the SIE fallback).
+
+        Args:
+            camids: the call's camera ids, or None.
+            viewids: the call's viewpoint ids, or None.
+
+        Returns:
+            A sub-list of ``['camids', 'viewids']``.
+        """
+        return [
+            name
+            for name, used, ids in (
+                ("camids", self.sie_camera, camids),
+                ("viewids", self.sie_view, viewids),
+            )
+            if used and ids is None
+        ]
+
     def mean_sie_vector(self) -> Tensor | None:
         """The SIE vector of an image without any id under the 'mean' fallback.
 

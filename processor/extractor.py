@@ -389,15 +389,7 @@ class FeatureExtractor:
             yield torch.stack([self.preprocess(x).to(self.device) for x in chunk])
 
     def _note_fallback(self, cams, views) -> None:
-        model = self.model
-        missing = [
-            name
-            for name, used, ids in (
-                ("camids", model.sie_camera, cams),
-                ("viewids", model.sie_view, views),
-            )
-            if used and ids is None
-        ]
+        missing = self.model.missing_sie_ids(cams, views)
         if not missing:
             return
         if not self._warned_fallback:

@@ -14,6 +14,7 @@ from datasets.image_dataset import read_image
 from datasets.synthetic import generate_synthetic_reid
 from datasets.transforms import build_test_transform
 from model.build import build_model
+from model.loading import CheckpointMismatchError
 from tests.conftest import PickleExploit
 from tools import search
 from utils.checkpoint import CheckpointFormatError, sha256_file
@@ -35,11 +36,11 @@ def _opts(out, extra=()):
     ]  # fmt: skip
 
 
-def _make_run(folder, seed, extra=()):
+def _make_run(folder, seed, extra=(), views=1):
     """A config.yaml and random-init weights of a tiny model; returns (config, weights, model)."""
     cfg = load_cfg(None, _opts(folder, extra))
     torch.manual_seed(seed)
-    model = build_model(cfg, 6, 3, 1, load_pretrained=False)
+    model = build_model(cfg, 6, 3, views, load_pretrained=False)
     # Non-trivial BNNeck statistics, so TEST.NECK_FEAT 'after' gives other features.
     with torch.no_grad():
         for bn in (model.bottleneck, model.bottleneck_proj):
@@ -215,25 +216,72 @@ def test_errors_name_the_folder_image_or_index(env, tmp_path):
         search.main([*missing, "--query", str(env["queries"][0]), "--out", str(tmp_path / "r")])
 
 
-def test_camera_sie_needs_a_camera_id(tmp_path):
-    config, weights, model = _make_run(tmp_path, seed=2, extra=("MODEL.SIE_CAMERA", "True"))
+def _sie_image(tmp_path):
     img = tmp_path / "g" / "a.png"
     img.parent.mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (H, W, 3), np.uint8)).save(img)
-    base = ["index", "--config-file", config, "--weights", weights, "--gallery", str(img.parent)]
-    out = tmp_path / "i.pt"
-    with pytest.raises(search.SearchError, match="pass --camid N"):
-        search.main([*base, "--out", str(out)])
-    search.main([*base, "--camid", "2", "--out", str(out)])
-    feats = torch.load(out, weights_only=True)["features"]
+    return img
+
+
+def _reference(model, config, img, **ids):
     cfg = load_cfg(config)
     tf = build_test_transform(cfg.INPUT.SIZE_TEST, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
     with torch.no_grad():
-        ref = model.encode_image(tf(read_image(str(img)))[None], camids=torch.tensor([2]))
-        no_sie = model.encode_image(tf(read_image(str(img)))[None])
-    ref = torch.nn.functional.normalize(ref, dim=1)
-    torch.testing.assert_close(feats, ref, atol=1e-5, rtol=0)
-    assert not torch.allclose(feats, torch.nn.functional.normalize(no_sie, dim=1), atol=1e-3)
+        ref = model.encode_image(tf(read_image(str(img)))[None], **ids)
+    return torch.nn.functional.normalize(ref, dim=1)
+
+
+def test_camera_sie_takes_a_camera_id_or_the_fallback(tmp_path, caplog):
+    config, weights, model = _make_run(tmp_path, seed=2, extra=("MODEL.SIE_CAMERA", "True"))
+    img = _sie_image(tmp_path)
+    base = ["index", "--config-file", config, "--weights", weights, "--gallery", str(img.parent)]
+    with_id, without = tmp_path / "cam2.pt", tmp_path / "mean.pt"
+    search.main([*base, "--camid", "2", "--out", str(with_id)])
+    feats = torch.load(with_id, weights_only=True)["features"]
+    torch.testing.assert_close(feats, _reference(model, config, img, camids=torch.tensor([2])))
+    assert not torch.allclose(feats, _reference(model, config, img), atol=1e-3)
+    # No camera id: the mean of the SIE rows (TEST.SIE_FALLBACK's default), with a warning.
+    with caplog.at_level("WARNING"):
+        search.main([*base, "--out", str(without)])
+    assert "TEST.SIE_FALLBACK" in caplog.text
+    index = torch.load(without, weights_only=True)
+    assert index["settings"]["TEST.SIE_FALLBACK"] == "mean"
+    mean = _reference(model, config, img, sie_fallback="mean")
+    torch.testing.assert_close(index["features"], mean)
+    rows = model.cv_embed.detach()
+    manual = model.sie_coe * rows.mean(0)  # the mean vector, by hand
+    torch.testing.assert_close(model.mean_sie_vector().detach(), manual)
+    # A query must use the fallback its index was built with; ids are range-checked.
+    query = ["query", "--index", str(without), "--config-file", config, "--weights", weights]
+    query += ["--query", str(img), "--out", str(tmp_path / "r")]
+    with pytest.raises(search.SearchError, match=r"TEST.SIE_FALLBACK: index 'mean', query 'none'"):
+        search.main([*query, "TEST.SIE_FALLBACK", "none"])
+    result = search.main(query)
+    assert result["queries"][0]["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(search.SearchError, match=r"--camid 3 is outside 0\.\.2"):
+        search.main([*base, "--camid", "3", "--out", str(tmp_path / "x.pt")])
+
+
+def test_camera_view_sie_ids_and_fallback(tmp_path):
+    extra = ("MODEL.SIE_CAMERA", "True", "MODEL.SIE_VIEW", "True")
+    config, weights, model = _make_run(tmp_path, seed=3, extra=extra, views=2)
+    img = _sie_image(tmp_path)
+    base = ["index", "--config-file", config, "--weights", weights, "--gallery", str(img.parent)]
+    out = tmp_path / "i.pt"
+    with pytest.raises(CheckpointMismatchError, match="pass --num-views"):
+        search.main([*base, "--out", str(out)])
+    base += ["--num-views", "2"]
+    search.main([*base, "--camid", "1", "--viewid", "1", "--out", str(out)])
+    ids = {"camids": torch.tensor([1]), "viewids": torch.tensor([1])}
+    feats = torch.load(out, weights_only=True)["features"]
+    torch.testing.assert_close(feats, _reference(model, config, img, **ids))
+    # Only the camera: its row averaged over the views ('mean'), refused under 'none'.
+    search.main([*base, "--camid", "1", "--out", str(out)])
+    feats = torch.load(out, weights_only=True)["features"]
+    ref = _reference(model, config, img, camids=torch.tensor([1]), sie_fallback="mean")
+    torch.testing.assert_close(feats, ref)
+    with pytest.raises(search.SearchError, match="needs both --camid and --viewid"):
+        search.main([*base, "--camid", "1", "--out", str(out), "TEST.SIE_FALLBACK", "none"])
 
 
 def test_crafted_weights_or_index_are_refused_unread(env, tmp_path):

@@ -125,6 +125,26 @@ def test_attention_tool_errors(run, tmp_path, capsys):
         attention.image_attention(rn.eval(), torch.zeros(1, 3, 256, 128))
 
 
+def test_attention_of_an_sie_model_without_ids_uses_the_fallback():
+    from model.build import build_model
+
+    cfg = load_cfg(None, ["MODEL.NAME", "ViT-T-16-test", "MODEL.PRETRAIN_TAG", "none",
+                          "MODEL.SIE_CAMERA", "True", "INPUT.SIZE_TEST", "[64, 32]",
+                          "INPUT.SIZE_TRAIN", "[64, 32]"])  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg, 3, 4, 1, load_pretrained=False).eval()
+    with torch.no_grad():  # every camera row the same: the mean row is camera 0's
+        model.cv_embed.copy_(model.cv_embed[0].expand_as(model.cv_embed) * 5)
+    images = torch.randn(2, 3, 64, 32)
+    cam0, _ = attention.image_attention(model, images, camids=torch.zeros(2, dtype=torch.long))
+    mean, _ = attention.image_attention(model, images, sie_fallback="mean")
+    none, _ = attention.image_attention(model, images)
+    torch.testing.assert_close(mean, cam0)
+    assert not torch.allclose(none, cam0, atol=1e-4)
+    assert model.missing_sie_ids(None, None) == ["camids"]
+    assert model.missing_sie_ids(torch.zeros(1), None) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # t-SNE
 def test_tsne_rows_equal_the_extracted_features(run, tmp_path):

@@ -15,7 +15,8 @@ The weights are read without changing the model: forward hooks on each block's a
 take its input (the ``ln_1`` output) and recompute ``softmax(q k^T / sqrt(d))`` from the module's
 own ``in_proj`` weights, while the block runs as usual. The output PNG has the images (resized to
 the model's input size, as the model sees them) in the top row and the maps over them below.
-Models with the camera / viewpoint SIE need ``--camid`` / ``--viewid`` as in ``tools.search``.
+Models with the camera / viewpoint SIE take ``--camid`` / ``--viewid`` as in ``tools.search``
+(without them, the ``TEST.SIE_FALLBACK`` vector).
 """
 
 from __future__ import annotations
@@ -141,7 +142,11 @@ def cls_attention_maps(rollout: Tensor, grid: tuple[int, int]) -> Tensor:
 
 @torch.no_grad()
 def image_attention(
-    model: nn.Module, images: Tensor, camids: Tensor | None = None, viewids: Tensor | None = None
+    model: nn.Module,
+    images: Tensor,
+    camids: Tensor | None = None,
+    viewids: Tensor | None = None,
+    sie_fallback: str = "none",
 ) -> tuple[Tensor, list[Tensor]]:
     """Run the image encoder of a ReID model and return its rollout and per-block weights.
 
@@ -150,6 +155,7 @@ def image_attention(
         images: [B, 3, H, W] (test transform).
         camids: camera ids [B] (camera SIE).
         viewids: viewpoint ids [B] (viewpoint SIE).
+        sie_fallback: the SIE vector of missing ids (``ReIDModel.sie_vectors``).
 
     Returns:
         (rollout [B, T, T], per-block weights [B, H, T, T] first block first).
@@ -164,7 +170,7 @@ def image_attention(
             f"{type(encoder).__name__}"
         )
     with capture_attention(encoder) as maps:
-        model.image_features(images, camids, viewids)
+        model.image_features(images, camids, viewids, sie_fallback=sie_fallback)
     return attention_rollout(maps), list(maps)
 
 
@@ -248,8 +254,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg, device, _ = setup_command(args)
     paths = [p for src in args.images for p in list_image_files(src, "--images")]
     paths = paths[: args.max_images]
-    model = build_search_model(cfg, args.weights).to(device)
+    model = build_search_model(cfg, args.weights, args.num_views).to(device)
     check_sie_ids(cfg, model, args.camid, args.viewid)
+    missing = model.missing_sie_ids(args.camid, args.viewid)
+    if missing:
+        logger.warning(
+            "SIE model without %s: using the SIE fallback %r (TEST.SIE_FALLBACK)",
+            " and ".join(missing),
+            cfg.TEST.SIE_FALLBACK,
+        )
     size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
     transform = build_test_transform(size, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
     raw = [read_image(p) for p in paths]
@@ -257,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     n = len(paths)
     camids = torch.full((n,), args.camid, device=device) if args.camid is not None else None
     viewids = torch.full((n,), args.viewid, device=device) if args.viewid is not None else None
-    rollout, _ = image_attention(model, images, camids, viewids)
+    rollout, _ = image_attention(model, images, camids, viewids, cfg.TEST.SIE_FALLBACK)
     maps = cls_attention_maps(rollout, model.image_encoder.grid).cpu()
     # Each image stretched to the model's input aspect, as the test transform does.
     tile = (max(1, round(args.tile_height * size[1] / size[0])), args.tile_height)

@@ -25,9 +25,12 @@ trade speed for recall (``docs/benchmarks.md``: recall@10 and queries/s against 
 An index records the settings it was built with (model, eval-relevant config keys, a hash of the
 weights); ``query`` refuses an index whose settings differ from its own.
 
-Camera ids of arbitrary folders are unknown: a model with the camera SIE (``MODEL.SIE_CAMERA``)
-needs ``--camid N`` (one 0-based camera id for every image of the command), and one with the
-viewpoint SIE ``--viewid N``; the camera x viewpoint SIE is not supported here.
+Camera ids of arbitrary folders are unknown. For a model with SIE (``MODEL.SIE_CAMERA`` /
+``MODEL.SIE_VIEW``) pass ``--camid N`` / ``--viewid N`` (one 0-based id for every image of the
+command, e.g. the query camera's id); an id not given gets the SIE fallback
+``TEST.SIE_FALLBACK`` ('mean': the mean of the rows it could select; 'none': no SIE vector), with
+a warning. With SIE, an index records the fallback, and a
+query must use the same one.
 """
 
 from __future__ import annotations
@@ -145,7 +148,8 @@ def list_image_files(path: str, what: str) -> list[str]:
 
 
 def feature_settings(cfg: CfgNode, weights_sha256: str) -> dict[str, Any]:
-    """The settings that determine the features: the ``FEATURE_KEYS`` values and the weights.
+    """The settings that determine the features: ``FEATURE_KEYS`` (with SIE also
+    ``TEST.SIE_FALLBACK``) and the weights.
 
     Args:
         cfg: the configuration.
@@ -155,7 +159,10 @@ def feature_settings(cfg: CfgNode, weights_sha256: str) -> dict[str, Any]:
         ``{key: value}`` (lists for list values) plus ``'weights_sha256'``.
     """
     out: dict[str, Any] = {}
-    for key in FEATURE_KEYS:
+    keys = FEATURE_KEYS
+    if cfg.MODEL.SIE_CAMERA or cfg.MODEL.SIE_VIEW:
+        keys += ("TEST.SIE_FALLBACK",)  # what an image without its ids gets
+    for key in keys:
         node: Any = cfg
         for part in key.split("."):
             node = node[part]
@@ -164,7 +171,7 @@ def feature_settings(cfg: CfgNode, weights_sha256: str) -> dict[str, Any]:
     return out
 
 
-def build_search_model(cfg: CfgNode, weights: str) -> ReIDModel:
+def build_search_model(cfg: CfgNode, weights: str, num_views: int | None = None) -> ReIDModel:
     """Build the model of a config and load its trained weights, in eval mode on the CPU.
 
     The identity count and SIE table size are taken from the checkpoint (they only size layers
@@ -173,21 +180,16 @@ def build_search_model(cfg: CfgNode, weights: str) -> ReIDModel:
     Args:
         cfg: the configuration the weights were trained with.
         weights: checkpoint path (state dict or a dict with a 'model' entry).
+        num_views: training views (``--num-views``), for the camera x view SIE only.
 
     Returns:
         The ``ReIDModel``.
 
     Raises:
-        SearchError: missing weights, or a camera x viewpoint SIE model.
+        SearchError: missing weights.
     """
-    if cfg.MODEL.SIE_CAMERA and cfg.MODEL.SIE_VIEW:
-        raise SearchError(
-            "the camera x viewpoint SIE (MODEL.SIE_CAMERA and MODEL.SIE_VIEW True) needs each "
-            "image's camera and viewpoint, which a folder does not give; search supports one of "
-            "the two SIE kinds, or none"
-        )
     try:
-        return build_model_from_checkpoint(cfg, weights)
+        return build_model_from_checkpoint(cfg, weights, num_views=num_views)
     except FileNotFoundError as err:
         raise SearchError(str(err)) from err
 
@@ -202,19 +204,24 @@ def check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int
         viewid: ``--viewid`` or None.
 
     Raises:
-        SearchError: an id the SIE needs is missing or out of range, or one is given without SIE.
+        SearchError: an id is out of range or given without its SIE, or the camera x viewpoint
+            SIE has only one of its ids under the 'none' fallback.
     """
+    if (
+        cfg.MODEL.SIE_CAMERA
+        and cfg.MODEL.SIE_VIEW
+        and (camid is None) != (viewid is None)
+        and cfg.TEST.SIE_FALLBACK == "none"
+    ):
+        raise SearchError(
+            "the camera x viewpoint SIE needs both --camid and --viewid under TEST.SIE_FALLBACK "
+            "none; pass both, neither, or the override TEST.SIE_FALLBACK mean"
+        )
     for enabled, value, flag, key, count in (
         (cfg.MODEL.SIE_CAMERA, camid, "--camid", "MODEL.SIE_CAMERA", model.num_cameras),
         (cfg.MODEL.SIE_VIEW, viewid, "--viewid", "MODEL.SIE_VIEW", model.num_views),
     ):
-        if enabled and value is None:
-            raise SearchError(
-                f"the model uses {key} (SIE): its features depend on the camera/viewpoint id, "
-                f"which a folder does not give; pass {flag} N (0-based, < {count}) for the images "
-                f"of this command"
-            )
-        if enabled and not 0 <= value < count:
+        if enabled and value is not None and not 0 <= value < count:
             raise SearchError(f"{flag} {value} is outside 0..{count - 1} (the SIE table's rows)")
         if not enabled and value is not None:
             raise SearchError(f"{flag} is only used with {key} True; remove it")
@@ -243,7 +250,7 @@ def compute_features(
         float32 [N, D] on the CPU, L2-normalised per row when ``TEST.FEAT_NORM``.
 
     Raises:
-        SearchError: an image cannot be read (the message names it), or missing SIE ids.
+        SearchError: an image cannot be read (the message names it), or wrong SIE ids.
     """
     check_sie_ids(cfg, model, camid, viewid)
     extractor = build_feature_extractor(cfg, model, device)
@@ -339,7 +346,7 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
     cfg, device, sha = setup_command(args)
     paths = list_image_files(args.gallery, "--gallery")
     logger.info("indexing %d gallery images of %s on %s", len(paths), args.gallery, device)
-    model = build_search_model(cfg, args.weights).to(device)
+    model = build_search_model(cfg, args.weights, args.num_views).to(device)
     feats = compute_features(model, cfg, paths, device, args.camid, args.viewid)
     index = {
         "version": INDEX_VERSION,
@@ -497,7 +504,7 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
     if args.topk < 1:
         raise SearchError(f"--topk must be positive, got {args.topk}")
     paths = [p for q in args.query for p in list_image_files(q, "--query")]
-    model = build_search_model(cfg, args.weights).to(device)
+    model = build_search_model(cfg, args.weights, args.num_views).to(device)
     qf = compute_features(model, cfg, paths, device, args.camid, args.viewid)
     metric = index["metric"]
     scores, idx, method = search_gallery(
@@ -551,9 +558,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, sie: bool = True) -> No
     """
     add_config_argument(parser, required=True)
     parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
+    parser.add_argument(
+        "--num-views", type=int, default=None, help="training views (camera x view SIE only)"
+    )
     if sie:
-        parser.add_argument("--camid", type=int, default=None, help="camera id (camera SIE only)")
-        parser.add_argument("--viewid", type=int, default=None, help="view id (viewpoint SIE only)")
+        parser.add_argument(
+            "--camid", type=int, default=None, help="camera id (camera SIE; default: the fallback)"
+        )
+        parser.add_argument(
+            "--viewid", type=int, default=None, help="view id (view SIE; default: the fallback)"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -259,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_per_id < 1:
         raise SearchError("--max-per-id must be positive")
     cfg, device, _ = setup_command(args)
-    model = build_search_model(cfg, args.weights).to(device)
+    model = build_search_model(cfg, args.weights, args.num_views).to(device)
     anchors = args.anchors
     if anchors == "auto":
         anchors = "text" if model.has_text else "centroids"

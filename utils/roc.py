@@ -12,6 +12,9 @@ so the threshold must stay below the (m + 1)-th smallest negative distance t, an
     TPR(f) = #{positive pairs with distance < t} / #positive pairs.
 
 This is exactly ``max(tpr[fpr <= f])`` of ``sklearn.metrics.roc_curve(labels, -distances)``.
+fast-reid's ``TPR@FPR`` is another quantity: it labels same-identity pairs 0 and the others 1 and
+scores by distance, so its "TPR" is the share of different-identity pairs rejected and its "FPR"
+the share of same-identity pairs rejected, read at the ROC point nearest to f.
 
 Memory: the positives are few (a query's true matches) and are kept; of the negatives only the
 k = floor(f_max N) + 1 smallest are needed. Rows are taken in groups within the memory budget;
