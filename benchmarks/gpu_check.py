@@ -316,12 +316,15 @@ def exact_fp32_matmuls() -> Iterator[None]:
 
 @contextlib.contextmanager
 def interrupt_after(seconds: float) -> Iterator[None]:
-    """Send this process a SIGINT after ``seconds`` unless the block ends first.
+    """Send the main thread a SIGINT after ``seconds`` unless the block ends first.
 
     A training run turns it into a checkpoint and :class:`TrainingInterrupted` at the end of
-    the running step; elsewhere it raises ``KeyboardInterrupt``.
+    the running step; elsewhere it raises ``KeyboardInterrupt``. The signal goes to the main
+    thread itself (not to the process, whose kernel may hand it to the timer's thread), so a
+    blocking call there is interrupted at once.
     """
-    timer = threading.Timer(max(seconds, 0.0), os.kill, (os.getpid(), signal.SIGINT))
+    main = threading.main_thread().ident
+    timer = threading.Timer(max(seconds, 0.0), signal.pthread_kill, (main, signal.SIGINT))
     timer.daemon = True
     timer.start()
     try:

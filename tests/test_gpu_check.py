@@ -180,3 +180,25 @@ def test_interrupt_after_raises_at_the_deadline():
     with gpu_check.interrupt_after(0.05):
         pass
     time.sleep(0.1)  # cancelled: no signal arrives after the block
+
+
+def test_run_script_checks_imports_then_runs_the_check(tmp_path):
+    # benchmarks/gpu_run.sh as on the GPU machine (no wheels to install here): the versions and
+    # the import check come first, then the check writes its files into OUT_DIR.
+    import subprocess
+    import sys
+
+    script = os.path.join(gpu_check.ROOT, "benchmarks", "gpu_run.sh")
+    env = {**os.environ, "PYTHON": sys.executable, "CLIPREID_WHEELS": str(tmp_path / "none")}
+    out = tmp_path / "out"
+    argv = ["bash", script, "run", str(out), "--smoke", "--sections", "eval"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = (out / "gpu.log").read_text()
+    assert f"torch {torch.__version__.split('+')[0]}" in log and "imports: ok" in log
+    assert log.index("imports: ok") < log.index("gpu_check: eval")
+    raw = json.loads((out / "gpu.json").read_text())
+    assert raw["order"] == ["eval"] and raw["failures"] == []
+    assert (out / "gpu.md").read_text().startswith("## GPU check: CPU (smoke run")
+    usage = subprocess.run(["bash", script], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "bash benchmarks/gpu_run.sh wheels" in usage.stdout
