@@ -148,6 +148,30 @@ def test_camera_sie_export_takes_camids(tmp_path):
     torch.testing.assert_close(torch.from_numpy(one), ref, rtol=0, atol=1e-4)
 
 
+def test_sie_export_without_id_inputs_adds_the_fallback(tmp_path):
+    model, argv = _trained_run(tmp_path, MODEL__SIE_CAMERA=True, MODEL__SIE_COE=3.0)
+    images = _images(3, seed=4)
+    with torch.no_grad():
+        mean = F.normalize(model.encode_image(images, sie_fallback="mean"), dim=1)
+        plain = F.normalize(model.encode_image(images), dim=1)
+    assert not torch.allclose(mean, plain, atol=1e-3)
+    for fallback, ref in (("mean", mean), ("none", plain)):
+        out = tmp_path / f"{fallback}.onnx"
+        extra = ["--no-sie-inputs", "--verify", "TEST.SIE_FALLBACK", fallback]
+        meta = export_onnx.main([*argv, str(out), *extra])
+        assert meta["sie_inputs"] == [] and meta["sie_fallback"] == fallback
+        assert meta["verify_max_diff"] <= 1e-4
+        session = _session(out)
+        assert [i.name for i in session.get_inputs()] == ["images"]
+        got = torch.from_numpy(session.run(["feats"], {"images": images.numpy()})[0])
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    # A model without SIE: the flag changes nothing and no fallback is recorded.
+    (tmp_path / "plain").mkdir()
+    _, plain_argv = _trained_run(tmp_path / "plain")
+    meta = export_onnx.main([*plain_argv, str(tmp_path / "p.onnx"), "--no-sie-inputs"])
+    assert meta["sie_inputs"] == [] and meta["sie_fallback"] is None
+
+
 def test_camera_view_sie_needs_num_views(tmp_path):
     model, argv = _trained_run(tmp_path, MODEL__SIE_CAMERA=True, MODEL__SIE_VIEW=True)
     out = tmp_path / "cv.onnx"

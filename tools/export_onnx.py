@@ -12,7 +12,8 @@ the test transform does (RGB, bilinear resize, ``(x / 255 - PIXEL_MEAN) / PIXEL_
 ``TEST.FLIP_FEAT``), L2-normalised per row when normalisation is on (default: ``TEST.FEAT_NORM``,
 as the evaluator compares features). With SIE
 (``MODEL.SIE_CAMERA`` / ``MODEL.SIE_VIEW``) the graph also takes ``camids`` and/or ``viewids``
-int64 [B] (0-based, the training dataset's numbering).
+int64 [B] (0-based, the training dataset's numbering); with ``--no-sie-inputs`` it takes images
+only and adds the ``TEST.SIE_FALLBACK`` vector (for deployments that do not know the camera).
 
 The preprocessing and output description is written to ``OUT.json`` next to the model and, when
 the ``onnx`` package is installed, into the model's ``metadata_props`` (values JSON-encoded).
@@ -74,18 +75,25 @@ class EncoderForExport(nn.Module):
         model: the ReID model (put in eval mode here: BNNecks use running statistics).
         normalize: L2-normalise each output row (``x / max(|x|, 1e-12)``, as the evaluator).
         flip_feat: average with the mirrored image's feature (``TEST.FLIP_FEAT``).
+        sie_fallback: None: the SIE ids are graph inputs; else no id inputs, and the graph adds
+            this fallback's SIE vector (one of ``SIE_FALLBACKS``; see ``ReIDModel.sie_vectors``).
 
     Attributes:
         sie_inputs: names of the id inputs after ``images``: ``()``, ``('camids',)``,
             ``('viewids',)`` or ``('camids', 'viewids')``, following the model's SIE flags.
     """
 
-    def __init__(self, model: ReIDModel, normalize: bool, flip_feat: bool = False) -> None:
+    def __init__(
+        self,
+        model: ReIDModel,
+        normalize: bool,
+        flip_feat: bool = False,
+        sie_fallback: str | None = None,
+    ) -> None:
         super().__init__()
         self.model = model.eval()
         self.normalize = bool(normalize)
-        # The evaluator's batch call in float32 (the graph runs in the precision it is given);
-        # SIE ids are graph inputs, so the fallback never applies.
+        # The evaluator's batch call in float32 (the graph runs in the precision it is given).
         self.settings = EvalSettings(
             feat_norm=self.normalize,
             max_rank=1,
@@ -93,12 +101,12 @@ class EncoderForExport(nn.Module):
             rerank=None,
             amp_dtype="fp32",
             flip_feat=bool(flip_feat),
-            sie_fallback="none",
+            sie_fallback=sie_fallback or "none",
         )
         names = []
-        if model.cv_embed is not None and model.sie_camera:
+        if sie_fallback is None and model.cv_embed is not None and model.sie_camera:
             names.append("camids")
-        if model.cv_embed is not None and model.sie_view:
+        if sie_fallback is None and model.cv_embed is not None and model.sie_view:
             names.append("viewids")
         self.sie_inputs: tuple[str, ...] = tuple(names)
 
@@ -144,6 +152,7 @@ def export_metadata(
     opset: int,
     sie_inputs: Sequence[str],
     flip_feat: bool = False,
+    sie_fallback: str | None = None,
 ) -> dict[str, Any]:
     """The description a deployment needs: preprocessing, inputs, output.
 
@@ -155,6 +164,7 @@ def export_metadata(
         opset: ONNX opset version.
         sie_inputs: names of the int64 [B] id inputs.
         flip_feat: the graph averages each image's feature with its mirror image's.
+        sie_fallback: the SIE fallback built into a graph without id inputs, or None.
 
     Returns:
         A JSON-serialisable dict.
@@ -173,6 +183,7 @@ def export_metadata(
         "preprocess": "(rgb_uint8 / 255 - pixel_mean) / pixel_std",
         "batch": "dynamic" if batch is None else int(batch),
         "sie_inputs": list(sie_inputs),
+        "sie_fallback": sie_fallback,
         "sie_camera": bool(model.sie_camera and model.cv_embed is not None),
         "sie_view": bool(model.sie_view and model.cv_embed is not None),
         "num_cameras": model.num_cameras,
@@ -229,6 +240,7 @@ def export_onnx(
     batch: int | None = None,
     opset: int = DEFAULT_OPSET,
     flip_feat: bool = False,
+    sie_fallback: str | None = None,
 ) -> dict[str, Any]:
     """Export the evaluation feature of a model to ONNX, with its metadata.
 
@@ -240,13 +252,14 @@ def export_onnx(
         batch: fixed batch size, or None for a dynamic batch axis.
         opset: ONNX opset version.
         flip_feat: average each image's feature with its mirror image's (``TEST.FLIP_FEAT``).
+        sie_fallback: None: SIE ids are graph inputs; else images only, with this SIE fallback.
 
     Returns:
         The metadata written to ``sidecar_path(out)`` (and to the model when onnx is installed).
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = EncoderForExport(model, normalize, flip_feat).eval()
+    wrapper = EncoderForExport(model, normalize, flip_feat, sie_fallback).eval()
     example = _example_inputs(wrapper, batch or 2)
     names = [INPUT_NAME, *wrapper.sie_inputs]
     dynamic_axes = None
@@ -283,6 +296,7 @@ def export_onnx(
         opset=opset,
         sie_inputs=wrapper.sie_inputs,
         flip_feat=flip_feat,
+        sie_fallback=sie_fallback if model.cv_embed is not None else None,
     )
     in_model = _write_onnx_metadata(out, metadata)
     side = sidecar_path(out)
@@ -317,6 +331,7 @@ def verify_onnx(
     *,
     batch_sizes: Sequence[int] = (1, 3),
     seed: int = 0,
+    sie_inputs: bool = True,
 ) -> dict[int, float]:
     """Run the exported model with onnxruntime and compare with the extractor's features.
 
@@ -329,6 +344,7 @@ def verify_onnx(
         onnx_path: the ONNX file.
         batch_sizes: batch sizes to try (a fixed-batch export accepts only its own).
         seed: seed of the random images and ids.
+        sie_inputs: the graph takes the SIE ids (else the extractor's fallback is the reference).
 
     Returns:
         ``{batch: max |onnx - torch| / max(1, max |torch|)}`` (absolute error for features of
@@ -339,7 +355,8 @@ def verify_onnx(
     """
     ort = _require_onnxruntime()
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    wrapper = EncoderForExport(extractor.model, extractor.settings.feat_norm)
+    fallback = None if sie_inputs else extractor.settings.sie_fallback
+    wrapper = EncoderForExport(extractor.model, extractor.settings.feat_norm, sie_fallback=fallback)
     names = [INPUT_NAME, *wrapper.sie_inputs]
     errors = {}
     for b in batch_sizes:
@@ -392,6 +409,13 @@ def _parser() -> argparse.ArgumentParser:
         "--num-views", type=int, default=None, help="training views (camera x view SIE only)"
     )
     parser.add_argument(
+        "--sie-inputs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SIE models: camids/viewids are graph inputs (default); --no-sie-inputs: images "
+        "only, with the TEST.SIE_FALLBACK vector",
+    )
+    parser.add_argument(
         "--verify", action="store_true", help=f"check with onnxruntime ({ORT_INSTALL})"
     )
     parser.add_argument(
@@ -439,10 +463,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         batch=args.batch,
         opset=args.opset,
         flip_feat=flip_feat,
+        sie_fallback=None if args.sie_inputs else cfg.TEST.SIE_FALLBACK,
     )
     if args.verify:
         sizes = (1, 3) if args.batch is None else (args.batch,)
-        errors = verify_onnx(extractor, args.out, batch_sizes=sizes)
+        errors = verify_onnx(extractor, args.out, batch_sizes=sizes, sie_inputs=args.sie_inputs)
         worst = max(errors.values())
         metadata["verify_max_diff"] = worst
         if worst > args.atol:
