@@ -1,7 +1,7 @@
 """One GPU check: tests, training steps, data loader, evaluation and a short run, as markdown.
 
 Prepared to run once on a machine with one GPU and to write a section for ``docs/benchmarks.md``
-plus a JSON file of the raw figures. Sized for about 5 minutes on an H200 (an estimate: it has
+plus a JSON file of the raw figures. Sized for about 6 minutes on an H200 (an estimate: it has
 not run on a GPU yet); its time limit (420 s of sections) keeps it under 8 minutes.
 The sections, in the order they run:
 
@@ -19,7 +19,9 @@ The sections, in the order they run:
   on a query/gallery subset;
 * ``two_stage``: about 300 steps of ``processor.train.train`` (ViT-B/16, 256x128, synthetic data,
   the paper's recipe ``configs/person/vit_clipreid.yml`` otherwise): stage-1 epoch time, stage-2
-  images/s, and the projected wall time of the paper's MSMT17 recipe.
+  images/s, and the projected wall time of the paper's MSMT17 recipe;
+* ``options``: the training speed options one at a time (RN50 channels-last, ViT-B/16 activation
+  checkpointing, ViT-B/16 ``torch.compile``) in bf16, against ``train_step``'s rows.
 
 Each section runs inside its own ``try``: a failure becomes a row of the "Failures" table and the
 next section runs. Each has a time budget checked between its units (rows, precisions, worker
@@ -98,6 +100,8 @@ METRIC_TOLERANCE = 1e-4
 # ... and each query's k nearest (re-ranked) distances by at most this.
 DISTANCE_TOLERANCE = {"plain": 1e-4, "rerank": 1e-3}
 TOPK = 10
+# train_step's speed switches, all off (the options section turns one on at a time).
+NO_OPTIONS = {"grad_checkpointing": False, "channels_last": False, "compile": False}
 # Short runs have no learning-rate decay (the recipe's milestones lie beyond their last epoch).
 NO_DECAY = ("SOLVER.STAGE2.STEPS", "[]")
 
@@ -127,6 +131,7 @@ class Sizes:
         eval_dim: feature size (CLIP-ReID ViT: 1280).
         run_steps: target stage-1 + stage-2 steps of the two-stage run.
         stage2_share: the part of them spent in stage 2.
+        option_rows: (MODEL.NAME, train_step option) pairs of the options section, in order.
         pytest_paths: what ``pytest -m gpu`` collects (None: the files that mark gpu tests).
         time_limit: seconds for the whole check; later sections are skipped past it.
         budgets: seconds per section (checked between its units).
@@ -154,7 +159,12 @@ class Sizes:
     eval_dim: int = 1280
     run_steps: int = 300
     stage2_share: float = 0.6
-    pytest_paths: tuple[str, ...] | None = ("tests",)
+    option_rows: tuple[tuple[str, str], ...] = (
+        ("RN50", "channels_last"),
+        ("ViT-B-16", "grad_checkpointing"),
+        ("ViT-B-16", "compile"),  # last: its compilation is the longest unit
+    )
+    pytest_paths: tuple[str, ...] | None = None
     time_limit: float = 420.0
     budgets: dict[str, float] = field(
         default_factory=lambda: {
@@ -164,6 +174,7 @@ class Sizes:
             "loader": 40,
             "eval": 70,
             "two_stage": 150,
+            "options": 100,
         }
     )
 
@@ -189,7 +200,7 @@ SMOKE = Sizes(
     eval_dim=64,
     run_steps=10,
     stage2_share=0.6,
-    pytest_paths=None,
+    option_rows=(("RN-T-test", "channels_last"), ("ViT-T-16-test", "grad_checkpointing")),
     time_limit=120.0,
     budgets=dict.fromkeys(Sizes().budgets, 60.0),
 )
@@ -394,7 +405,10 @@ def section_tests(ctx: Context) -> dict:
     )
     elapsed = time.perf_counter() - start
     if not os.path.isfile(xml):
-        raise RuntimeError(f"pytest wrote no report (exit {proc.returncode}): {proc.stdout[-500:]}")
+        raise RuntimeError(
+            f"pytest wrote no report (exit {proc.returncode}): {proc.stdout[-500:]} "
+            f"{proc.stderr[-500:]}"
+        )
     suite = ET.parse(xml).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
@@ -426,28 +440,66 @@ def section_train_step(ctx: Context) -> dict:
     s, device = ctx.sizes, ctx.device
     tf32 = bool(load_cfg(None, ()).MODEL.TF32)
     set_tf32(device, tf32)
-    options = {"grad_checkpointing": False, "channels_last": False, "compile": False}
     rows, skipped = [], []
     for arch, _ in s.archs:
         for dtype in s.dtypes:
             if ctx.remaining() <= 0:
                 skipped.append([arch, dtype])
                 continue
-            rows.append(
-                train_step.run_one(
-                    arch,
-                    dtype,
-                    device,
-                    s.step_batch,
-                    s.step_steps,
-                    s.step_warmup,
-                    s.input_size,
-                    MSMT17["train"].num_ids,
-                    options,
-                )
-            )
-            _free(device)
+            rows.append(_step_row(ctx, arch, dtype, NO_OPTIONS))
     return {"rows": rows, "skipped": skipped, "tf32": tf32 and device.type == "cuda"}
+
+
+def _step_row(ctx: Context, arch: str, dtype: str, options: dict, with_plain: bool = True) -> dict:
+    """``train_step.run_one`` at the check's sizes (MSMT17's identity count); frees after."""
+    s = ctx.sizes
+    row = train_step.run_one(
+        arch,
+        dtype,
+        ctx.device,
+        s.step_batch,
+        s.step_steps,
+        s.step_warmup,
+        s.input_size,
+        MSMT17["train"].num_ids,
+        options,
+        with_plain=with_plain,
+    )
+    _free(ctx.device)
+    return row
+
+
+def section_options(ctx: Context) -> dict:
+    """The training speed options on the device, one at a time, against the plain path.
+
+    ``train_step``'s stage-2 step (ours only) with one option on: channels-last for RN50
+    (``MODEL.CHANNELS_LAST``), activation checkpointing for ViT-B/16
+    (``MODEL.GRAD_CHECKPOINTING``: memory for time), ``torch.compile`` of the image encoder
+    (``MODEL.COMPILE``; compiled in the untimed warm-up); in bf16 (the smoke run: its precision).
+    The baseline is the ``train_step`` section's row of the same backbone and precision.
+
+    Returns:
+        ``rows`` (train_step rows plus ``option`` and, where the baseline was measured,
+        ``baseline_images_per_s`` and ``baseline_peak_mem_gb``), ``skipped`` ([arch, option]).
+    """
+    s, device = ctx.sizes, ctx.device
+    dtype = "bf16" if "bf16" in s.dtypes else s.dtypes[0]
+    set_tf32(device, bool(load_cfg(None, ()).MODEL.TF32))
+    done = ctx.results.get("train_step", {}).get("rows", [])
+    baselines = {(r["arch"], r["dtype"]): r for r in done}
+    rows, skipped = [], []
+    for arch, option in s.option_rows:
+        if ctx.remaining() <= 0:
+            skipped.append([arch, option])
+            continue
+        row = _step_row(ctx, arch, dtype, {**NO_OPTIONS, option: True}, with_plain=False)
+        row["option"] = option
+        base = baselines.get((arch, dtype))
+        if base is not None:
+            row["baseline_images_per_s"] = base["images_per_s"]
+            row["baseline_peak_mem_gb"] = base["peak_mem_gb"]
+        rows.append(row)
+    return {"rows": rows, "skipped": skipped}
 
 
 def _amp_epoch(ctx: Context, cfg, model, data, init: dict) -> dict:
@@ -502,7 +554,8 @@ def section_amp(ctx: Context) -> dict:
         next(iter(data.train_stage2))  # start the (persistent) workers before any timing
         model = build_model(base, data.num_classes, data.num_cameras, data.num_views).to(device)
         set_tf32(device, base.MODEL.TF32)
-        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # On the CPU: a copy on the device would count in every precision's peak memory.
+        init = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         reference = None
         for dtype in ("fp32", "bf16", "fp16"):
             row: dict[str, Any] = {"arch": arch, "dtype": dtype}
@@ -671,8 +724,10 @@ def section_eval(ctx: Context) -> dict:
     The settings are a run's (``build_eval_settings``: TEST.EVAL_MEMORY_MB, TEST.MAX_RANK, the
     official re-ranking k1/k2/lambda), with exact fp32 matrix products. First the subset is
     evaluated on the CPU and on the device (plain and re-ranked, the device's warm-up too), then
-    the full size on the device; the full re-ranking is skipped when the subset's device time,
-    scaled by the (Q + G)^2 of its neighbour pass, would overrun the budget.
+    the full size on the device; the full re-ranking is skipped only when it would surely overrun
+    the budget: when even the subset's device time scaled linearly by Q + G (a lower bound: only
+    its neighbour pass grows with (Q + G)^2, and on a GPU that pass is the cheap part) is more
+    than the time left.
 
     Returns:
         ``size``, ``queries``, ``gallery``, ``dim``, ``memory_mb``, ``rerank`` (k1, k2, lambda),
@@ -729,11 +784,11 @@ def section_eval(ctx: Context) -> dict:
         ids = (q_pids, g_pids, q_cams, g_cams)
         result, seconds, peak = run(q_dev, g_dev, *ids, None, 0)
         out["plain"] = _summary(result, seconds, peak)
-        scale = ((len(qf) + len(gf)) / (nq + ng)) ** 2
+        scale = (len(qf) + len(gf)) / (nq + ng)
         projected = sub_rerank_s * scale
         if projected > ctx.remaining():
             out["reranked"] = {
-                "skipped": f"projected {projected:.0f} s (subset time x {scale:.0f}) exceeds "
+                "skipped": f"at least {projected:.0f} s (subset time x {scale:.0f}) exceeds "
                 f"the {max(ctx.remaining(), 0):.0f} s left"
             }
         else:
@@ -930,6 +985,29 @@ def _render_train_step(r: dict) -> str:
     return "\n\n".join(parts)
 
 
+def _render_options(r: dict) -> str:
+    rows = []
+    for x in r["rows"]:
+        base_rate, base_mem = x.get("baseline_images_per_s"), x.get("baseline_peak_mem_gb")
+        rows.append(
+            [
+                x["arch"],
+                x["dtype"],
+                x["option"],
+                _fmt(x["images_per_s"]),
+                _fmt(base_rate),
+                _fmt(x["images_per_s"] / base_rate, ".2f") + "x" if base_rate else "-",
+                _fmt(x["peak_mem_gb"], ".2f"),
+                _fmt(base_mem, ".2f"),
+            ]
+        )
+    head = ["arch", "dtype", "option", "img/s", "img/s without", "speed", "peak GB", "without"]
+    parts = [_table(head, rows, "lll" + "r" * 5)] if rows else []
+    if r["skipped"]:
+        parts.append("Not run (time budget): " + ", ".join(" ".join(x) for x in r["skipped"]))
+    return "\n\n".join(parts)
+
+
 def _render_amp(r: dict) -> str:
     head = ["arch", "dtype", "steps", "scaler", "scaler skips", "final scale", "mean loss"]
     head += ["vs fp32", "img/s", "peak GB", "ok"]
@@ -1113,6 +1191,7 @@ SECTIONS: dict[str, Section] = {
     "two_stage": Section(
         "Two-stage run and the MSMT17 projection", section_two_stage, _render_two_stage
     ),
+    "options": Section("Training speed options", section_options, _render_options),
 }
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -63,7 +64,9 @@ NUM_INSTANCE = 4  # images per identity in a P x K batch (DATALOADER.NUM_INSTANC
 # Published dense peak TFLOPS (no sparsity), matched against torch.cuda.get_device_name() in
 # order (the first matching substring wins): tensor-core bf16/fp16, TF32 and plain fp32.
 PEAK_TFLOPS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H200 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0}),
     ("H100 PCIe", {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2}),
     ("H100", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
@@ -140,6 +143,19 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 10
     return 2 * n**3 / best / 1e12
 
 
+def published_peak(device_name: str, key: str) -> float | None:
+    """The published dense peak of a GPU by name (:data:`PEAK_TFLOPS`, first match), or None.
+
+    Args:
+        device_name: ``torch.cuda.get_device_name()``, e.g. 'NVIDIA H200'.
+        key: 'bf16', 'fp16', 'tf32' or 'fp32'.
+    """
+    for pattern, figures in PEAK_TFLOPS:
+        if pattern in device_name:
+            return figures[key]
+    return None
+
+
 def peak_tflops(device: torch.device, dtype_name: str) -> tuple[float, str]:
     """The device's peak rate for a precision, and where the figure comes from.
 
@@ -156,9 +172,9 @@ def peak_tflops(device: torch.device, dtype_name: str) -> tuple[float, str]:
         key = dtype_name
         if dtype_name == "fp32" and torch.get_float32_matmul_precision() != "highest":
             key = "tf32"
-        for pattern, figures in PEAK_TFLOPS:
-            if pattern in name:
-                return figures[key], f"{name} {key} dense (published)"
+        peak = published_peak(name, key)
+        if peak is not None:
+            return peak, f"{name} {key} dense (published)"
     rate = measured_matmul_tflops(device, DTYPES[dtype_name])
     return rate, f"measured {dtype_name} matmul"
 
@@ -351,13 +367,18 @@ def run_one(
     num_classes: int,
     options: dict[str, bool],
     peak_override: float = 0.0,
+    with_plain: bool = True,
 ) -> dict:
     """Both benchmarks for one architecture and precision; one result row.
 
+    Args:
+        with_plain: also measure the plain open_clip tower (False: ours only).
+
     Returns:
         A dict with the setup, ``images_per_s``, ``step_s``, ``peak_mem_gb``, ``forward_flops``,
-        ``step_flops``, ``achieved_tflops``, ``mfu`` and the same figures of the plain tower
-        prefixed ``plain_``, plus ``overhead`` (plain images/s over ours) and the peak used.
+        ``step_flops``, ``achieved_tflops``, ``mfu`` and (``with_plain``) the same figures of the
+        plain tower prefixed ``plain_``, plus ``overhead`` (plain images/s over ours); the peak
+        used.
     """
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, int(size[0]), int(size[1]), generator=gen).to(device)
@@ -377,12 +398,16 @@ def run_one(
         "peak_source": source,
         **{k: bool(v) for k, v in options.items()},
     }
-    torch.manual_seed(0)
-    benches = {
-        "": ours_bench(arch, images, pids, num_classes, dtype_name, options),
-        "plain_": plain_bench(arch, images, dtype_name),
+    # One bench on the device at a time: each peak memory is its own.
+    builders = {
+        "": lambda: ours_bench(arch, images, pids, num_classes, dtype_name, options),
+        "plain_": lambda: plain_bench(arch, images, dtype_name),
     }
-    for prefix, bench in benches.items():
+    if not with_plain:
+        del builders["plain_"]
+    for prefix, build in builders.items():
+        torch.manual_seed(0)
+        bench = build()
         m = measure(bench, device, steps, warmup, bool(options.get("compile", False)))
         rate = m["step_flops"] / m["step_s"] / 1e12
         row.update(
@@ -397,14 +422,18 @@ def run_one(
             }
         )
         del bench
-    benches.clear()
-    row["overhead"] = row["plain_images_per_s"] / row["images_per_s"]
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if with_plain:
+        row["overhead"] = row["plain_images_per_s"] / row["images_per_s"]
     logger.info(
-        "%s %s: %.1f img/s (plain %.1f)",
+        "%s %s %s: %.1f img/s (plain %s)",
         arch,
         dtype_name,
+        ", ".join(k for k, v in options.items() if v) or "no options",
         row["images_per_s"],
-        row["plain_images_per_s"],
+        f"{row['plain_images_per_s']:.1f}" if with_plain else "not measured",
     )
     return row
 

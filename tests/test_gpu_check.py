@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 
 import pytest
@@ -65,6 +66,25 @@ def test_train_step_rows(smoke):
     for r in rows:
         assert r["images_per_s"] > 0 and r["step_flops"] > r["forward_flops"] > 0
         assert f"| {r['arch']} | fp32 | 8 | {r['images_per_s']:.1f} |" in smoke[1]
+
+
+def test_options_rows_against_the_plain_path(smoke):
+    sections = smoke[2]["sections"]
+    base = {r["arch"]: r for r in sections["train_step"]["rows"]}
+    rows = sections["options"]["rows"]
+    assert [(r["arch"], r["option"]) for r in rows] == list(gpu_check.SMOKE.option_rows)
+    for r in rows:
+        others = {"grad_checkpointing", "channels_last", "compile"} - {r["option"]}
+        assert r[r["option"]] is True and not any(r[k] for k in others)
+        assert "plain_images_per_s" not in r  # ours only
+        assert r["baseline_images_per_s"] == base[r["arch"]]["images_per_s"]
+        assert f"| {r['arch']} | fp32 | {r['option']} | {r['images_per_s']:.1f} |" in smoke[1]
+    cl, ckpt = rows
+    # Channels-last changes the layout, not the work; checkpointing recomputes the checkpointed
+    # blocks' forward in the backward: more step FLOPs, at most one more forward.
+    assert cl["step_flops"] == base["RN-T-test"]["step_flops"]
+    vit = base["ViT-T-16-test"]
+    assert vit["step_flops"] < ckpt["step_flops"] <= vit["step_flops"] + vit["forward_flops"]
 
 
 def test_amp_precisions_share_weights_and_batches(smoke):
@@ -173,13 +193,19 @@ def test_failures_and_time_limit_become_rows(tmp_path, monkeypatch):
 
 
 def test_interrupt_after_raises_at_the_deadline():
-    start = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt), gpu_check.interrupt_after(0.05):
-        time.sleep(5)
-    assert time.perf_counter() - start < 2
-    with gpu_check.interrupt_after(0.05):
-        pass
-    time.sleep(0.1)  # cancelled: no signal arrives after the block
+    # Python's own SIGINT handler for the test (whatever an earlier test left installed).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt), gpu_check.interrupt_after(0.05):
+            while time.perf_counter() - start < 5:
+                time.sleep(0.01)
+        assert time.perf_counter() - start < 2
+        with gpu_check.interrupt_after(0.05):
+            pass
+        time.sleep(0.1)  # cancelled: no signal arrives after the block
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_run_script_checks_imports_then_runs_the_check(tmp_path):

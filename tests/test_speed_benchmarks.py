@@ -76,6 +76,12 @@ def test_peak_table_and_cpu_attention_counted():
     import torch
 
     assert train_step.peak_tflops(torch.device("cpu"), "fp32")[1] == "measured fp32 matmul"
+    # Variants by name, the more specific first (the NVL and PCIe cards are slower).
+    peak = train_step.published_peak
+    assert peak("NVIDIA H200", "bf16") == peak("NVIDIA H100 80GB HBM3", "bf16") == 989.4
+    assert peak("NVIDIA H200 NVL", "bf16") == peak("NVIDIA H100 NVL", "bf16") == 835.5
+    assert peak("NVIDIA H100 PCIe", "tf32") == 378.0
+    assert peak("NVIDIA GeForce RTX 4090", "bf16") is None
     q = torch.randn(2, 3, 10, 8, requires_grad=True)
     flops = train_step.count_flops(
         lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
