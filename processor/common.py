@@ -43,7 +43,8 @@ class StepGuard:
         max_skips: consecutive skipped steps tolerated with 'skip'.
         skipped: steps skipped so far in this run.
         in_a_row: consecutive skipped steps up to the last one.
-        stop_signal: the signal number received (0: none); the loops stop at the next step end.
+        stop_signal: the signal number received (0: none); the loops stop at the next step end,
+            work that writes nothing (an evaluation, see :meth:`stopping_at_once`) at once.
     """
 
     policy: str = "stop"
@@ -52,6 +53,7 @@ class StepGuard:
     in_a_row: int = 0
     stop_signal: int = 0
     _previous: dict[int, Any] = field(default_factory=dict, repr=False)
+    _at_once: str = field(default="", repr=False)
 
     def step_is_finite(
         self,
@@ -129,12 +131,41 @@ class StepGuard:
                 signal.signal(sig, handler)
             self._previous.clear()
 
+    @contextlib.contextmanager
+    def stopping_at_once(self, what: str) -> Iterator[None]:
+        """Within the block, a stop request raises :class:`TrainingInterrupted` at once.
+
+        For work that writes nothing the run needs, such as an evaluation after its checkpoint:
+        waiting for the next step would let it run to its end (or, after the last step, ignore
+        the request). A request that came before the block (during a checkpoint write) stops at
+        its start.
+
+        Args:
+            what: the work and where its run stands, for the message (e.g. 'the evaluation of
+                stage 2 epoch 60; the weights are saved in OUT: resume ... to evaluate them').
+        """
+        self._at_once = what
+        try:
+            if self.stop_signal:
+                self._stop_now()
+            yield
+        finally:
+            self._at_once = ""
+
+    def _stop_now(self) -> None:
+        signum = self.stop_signal
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} during {self._at_once}", 128 + signum
+        )
+
     def _request_stop(self, signum: int, frame: Any) -> None:
         if self.stop_signal == signum:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
             return
         self.stop_signal = signum
+        if self._at_once:
+            self._stop_now()
         logger.warning(
             "%s received: saving a resumable checkpoint at the end of this step "
             "(send it again to stop at once)",

@@ -275,14 +275,22 @@ class _Run:
         recorded; training goes on, and the run reports it at the end.
         """
         summary, error = None, None
-        fault_point("eval")
-        if is_main_process():
-            try:
-                r = self.recipe
-                summary = evaluate_bundle(r.model, r.data, self.eval_settings, r.device)
-            except Exception as err:  # noqa: BLE001 - reported, the training state is safe
-                error = f"{type(err).__name__}: {err}"
-                logger.exception("%s: the evaluation failed; training goes on", header)
+        what = (
+            f"the evaluation '{header}' (it writes nothing the run needs); resume with the same "
+            f"command plus --resume: the run continues from its last checkpoint in "
+            f"{self.output_dir!r} and evaluates again"
+        )
+        with self.guard.stopping_at_once(what):
+            fault_point("eval")
+            if is_main_process():
+                try:
+                    r = self.recipe
+                    summary = evaluate_bundle(r.model, r.data, self.eval_settings, r.device)
+                except TrainingInterrupted:
+                    raise
+                except Exception as err:  # noqa: BLE001 - reported, the training state is safe
+                    error = f"{type(err).__name__}: {err}"
+                    logger.exception("%s: the evaluation failed; training goes on", header)
         summary, error = broadcast_object((summary, error))
         self.eval_error = error  # the latest evaluation's outcome
         if error is not None:

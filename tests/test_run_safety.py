@@ -88,6 +88,26 @@ def test_signal_saves_mid_epoch_and_resume_is_bit_identical(reference, sig, caps
     _assert_samerun_in_fork(out, ref)
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "eval:1:INT",  # Ctrl-C during the final evaluation, after the last step
+        "write:7:TERM",  # during the last weights file's write, just before that evaluation
+    ],
+)
+def test_signal_after_the_last_step_stops_the_evaluation_at_once(reference, fault, capfd):
+    root, ref = reference
+    out = root / fault.replace(":", "_")
+    argv = tiny_run_opts(root / "data", out)
+    sig = getattr(signal, "SIG" + fault.rsplit(":", 1)[1])
+    assert run_in_fork(argv, fault) == 128 + sig  # not a finished run that ignored the request
+    err = capfd.readouterr().err
+    assert f"stopped by {sig.name} during the evaluation 'Validation Results - " in err
+    assert not any("eval" in r for r in _records(out))  # no evaluation was recorded
+    assert run_in_fork([*argv, "--resume"]) == 0
+    _assert_samerun_in_fork(out, ref)
+
+
 def test_kill_between_checkpoint_and_weights_file_is_completed_on_resume(reference):
     """A finished run whose last weights file and evaluation were lost: --resume redoes both."""
     root, ref = reference
