@@ -48,7 +48,7 @@ case "${1:-}" in
     "$python" - <<'EOF' 2>&1 | tee "$out/gpu.log"
 import importlib, importlib.metadata as md, sys
 for dist in ("torch", "torchvision", "timm", "open_clip_torch", "yacs", "ftfy", "numpy",
-             "scikit-learn", "pillow", "matplotlib"):
+             "scikit-learn", "pillow", "matplotlib", "pytest"):
     try:
         print(f"{dist} {md.version(dist)}")
     except md.PackageNotFoundError:
@@ -56,7 +56,7 @@ for dist in ("torch", "torchvision", "timm", "open_clip_torch", "yacs", "ftfy", 
 import torch
 print(f"cuda available: {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
-for module in ("open_clip", "yacs", "ftfy", "model.build", "processor.train",
+for module in ("open_clip", "yacs", "ftfy", "pytest", "model.build", "processor.train",
                "benchmarks.gpu_check"):
     importlib.import_module(module)
 print(f"imports: ok (open_clip from {importlib.import_module('open_clip').__file__})")
