@@ -135,27 +135,33 @@ class StepGuard:
     def stopping_at_once(self, what: str) -> Iterator[None]:
         """Within the block, a stop request raises :class:`TrainingInterrupted` at once.
 
-        For work that writes nothing the run needs, such as an evaluation after its checkpoint:
-        waiting for the next step would let it run to its end (or, after the last step, ignore
-        the request). A request that came before the block (during a checkpoint write) stops at
-        its start.
+        For work that writes nothing the run needs, such as an evaluation whose checkpoint is on
+        disk: waiting for the next step would let it run to its end (or, after the last step,
+        ignore the request). A request that came before the block (during a checkpoint write)
+        stops at its start; one that code in the block swallowed stops at its end.
 
         Args:
-            what: the work and where its run stands, for the message (e.g. 'the evaluation of
-                stage 2 epoch 60; the weights are saved in OUT: resume ... to evaluate them').
+            what: the work and where its run stands, for the message (e.g. "the evaluation
+                'Validation Results - Epoch: 60'; its checkpoint is saved in OUT: ...").
+
+        Raises:
+            TrainingInterrupted: a SIGINT/SIGTERM came before or during the block.
         """
         self._at_once = what
         try:
             if self.stop_signal:
-                self._stop_now()
+                raise self.stop_exception(what)
             yield
+            if self.stop_signal:
+                raise self.stop_exception(what)
         finally:
             self._at_once = ""
 
-    def _stop_now(self) -> None:
+    def stop_exception(self, what: str) -> TrainingInterrupted:
+        """The :class:`TrainingInterrupted` of the received signal during ``what``."""
         signum = self.stop_signal
-        raise TrainingInterrupted(
-            f"stopped by {signal.Signals(signum).name} during {self._at_once}", 128 + signum
+        return TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} during {what}", 128 + signum
         )
 
     def _request_stop(self, signum: int, frame: Any) -> None:
@@ -165,7 +171,7 @@ class StepGuard:
             return
         self.stop_signal = signum
         if self._at_once:
-            self._stop_now()
+            raise self.stop_exception(self._at_once)
         logger.warning(
             "%s received: saving a resumable checkpoint at the end of this step "
             "(send it again to stop at once)",

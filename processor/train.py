@@ -13,6 +13,7 @@ What is saved when (the guarantees the README states):
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -268,39 +269,55 @@ class _Run:
         return os.path.join(self.output_dir, f"{self.model_name}{suffix}_{epoch}.pth")
 
     # ------------------------------------------------------------------------------ evaluation
-    def evaluate(self, header: str) -> dict[str, float] | None:
+    def evaluate(self, header: str, saved: bool = True) -> dict[str, float] | None:
         """Evaluate on rank 0 (no collective inside); every rank gets the summary, or None.
 
         An evaluation error (an unreadable image, a full disk ...) is logged with its cause and
         recorded; training goes on, and the run reports it at the end.
+
+        Args:
+            header: the results' heading in the log.
+            saved: the state the evaluation belongs to is on disk (a checkpoint of its epoch, or
+                the finished run): a SIGINT/SIGTERM then stops the evaluation at once, on every
+                rank; else the run goes on to its next step, which saves and stops.
+
+        Raises:
+            TrainingInterrupted: stopped during the evaluation (``saved`` only).
         """
-        summary, error = None, None
-        what = (
-            f"the evaluation '{header}' (it writes nothing the run needs); resume with the same "
-            f"command plus --resume: the run continues from its last checkpoint in "
-            f"{self.output_dir!r} and evaluates again"
-        )
-        with self.guard.stopping_at_once(what):
-            fault_point("eval")
-            if is_main_process():
-                try:
+        summary, error, stop = None, None, None
+        fault_point("eval")
+        if is_main_process():
+            what = (
+                f"the evaluation '{header}'; its checkpoint is saved in {self.output_dir!r}: "
+                "resume with the same command plus --resume to evaluate again"
+            )
+            guard = self.guard
+            try:
+                with guard.stopping_at_once(what) if saved else contextlib.nullcontext():
                     r = self.recipe
                     summary = evaluate_bundle(r.model, r.data, self.eval_settings, r.device)
-                except TrainingInterrupted:
-                    raise
-                except Exception as err:  # noqa: BLE001 - reported, the training state is safe
+            except TrainingInterrupted as err:
+                stop = (str(err), err.exit_code)
+            except Exception as err:  # noqa: BLE001 - reported, the training state is safe
+                if saved and guard.stop_signal:  # the stop, turned into another error on its way
+                    stop_err = guard.stop_exception(what)
+                    stop = (str(stop_err), stop_err.exit_code)
+                else:
                     error = f"{type(err).__name__}: {err}"
                     logger.exception("%s: the evaluation failed; training goes on", header)
-        summary, error = broadcast_object((summary, error))
+        # Every rank learns the outcome, so that all stop together.
+        summary, error, stop = broadcast_object((summary, error, stop))
+        if stop is not None:
+            raise TrainingInterrupted(*stop)
         self.eval_error = error  # the latest evaluation's outcome
         if error is not None:
             return None
         log_results(summary, header)
         return summary
 
-    def record_eval(self, stage: int, epoch: int, header: str) -> None:
-        """Evaluate and append the result (or the failure) to ``metrics.jsonl``."""
-        summary = self.evaluate(header)
+    def record_eval(self, stage: int, epoch: int, header: str, saved: bool = True) -> None:
+        """Evaluate (see :meth:`evaluate`) and append the result or failure to ``metrics.jsonl``."""
+        summary = self.evaluate(header, saved)
         if summary is None:
             append_metrics(
                 self.output_dir, {"stage": stage, "epoch": epoch, "eval_error": self.eval_error}
@@ -351,15 +368,15 @@ class _Control(StageControl):
         """Checkpoint and write the stage's weights first, then evaluate."""
         run, loop = self.run, self.loop
         last = epoch == loop.epochs
-        if last or epoch % loop.checkpoint_period == 0:
-            if is_main_process():
-                run.save_state(run.state(loop, self.optimizer, self.scheduler, self.scaler, epoch))
+        saved = last or epoch % loop.checkpoint_period == 0
+        if saved and is_main_process():
+            run.save_state(run.state(loop, self.optimizer, self.scheduler, self.scaler, epoch))
         if last and is_main_process():
             # Weights only, official format: read by test_clipreid.py and the official loader.
             save_checkpoint(run.recipe.model.state_dict(), run.weights_path(loop.stage, epoch))
         barrier()  # ranks other than 0 wait for rank 0's files
         if _eval_due(loop, epoch):
-            run.record_eval(loop.stage, epoch, f"Validation Results - Epoch: {epoch}")
+            run.record_eval(loop.stage, epoch, f"Validation Results - Epoch: {epoch}", saved)
 
     def interrupt(self, epoch: int, iteration: int, meter_state: dict) -> None:
         """Save a resumable mid-epoch checkpoint and stop with :class:`TrainingInterrupted`."""

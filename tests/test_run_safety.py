@@ -108,6 +108,23 @@ def test_signal_after_the_last_step_stops_the_evaluation_at_once(reference, faul
     _assert_samerun_in_fork(out, ref)
 
 
+def test_signal_during_an_evaluation_without_its_checkpoint_stops_at_the_next_step(reference):
+    # Epoch 1 of stage 2 is evaluated but not checkpointed: stopping during its evaluation would
+    # lose the epoch, so the run finishes the evaluation and stops after the next step.
+    root, _ = reference
+    extra = ("SOLVER.STAGE2.EVAL_PERIOD", "1", "SOLVER.STAGE2.CHECKPOINT_PERIOD", "2")
+    ref = root / "sparse_ref"
+    assert run_in_fork(tiny_run_opts(root / "data", ref, extra=extra)) == 0
+    out = root / "sparse_int"
+    argv = tiny_run_opts(root / "data", out, extra=extra)
+    assert run_in_fork(argv, "eval:1:INT") == 128 + signal.SIGINT
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["stage"] == 2 and ckpt["partial"]["epoch"] == 2
+    assert [r["epoch"] for r in _records(out) if "eval" in r] == [1]  # it finished
+    assert run_in_fork([*argv, "--resume"]) == 0
+    _assert_samerun_in_fork(out, ref)
+
+
 def test_kill_between_checkpoint_and_weights_file_is_completed_on_resume(reference):
     """A finished run whose last weights file and evaluation were lost: --resume redoes both."""
     root, ref = reference
