@@ -293,7 +293,9 @@ class ReIDModel(nn.Module):
                 rows = table.mean(0, keepdim=True)
         return self.sie_coe * rows
 
-    def missing_sie_ids(self, camids: object, viewids: object) -> list[str]:
+    def missing_sie_ids(
+        self, camids: Tensor | int | None, viewids: Tensor | int | None
+    ) -> list[str]:
         """The ids this model's SIE uses that a call leaves out (they get the SIE fallback).
 
         Args:

@@ -55,6 +55,7 @@ __all__ = [
     "build_feature_extractor",
     "preprocess_image",
     "run_weights",
+    "warn_sie_fallback",
 ]
 
 logger = logging.getLogger(__name__)
@@ -389,17 +390,33 @@ class FeatureExtractor:
             yield torch.stack([self.preprocess(x).to(self.device) for x in chunk])
 
     def _note_fallback(self, cams, views) -> None:
-        missing = self.model.missing_sie_ids(cams, views)
-        if not missing:
-            return
         if not self._warned_fallback:
-            logger.warning(
-                "SIE model called without %s: using the SIE fallback %r (TEST.SIE_FALLBACK); "
-                "pass the ids for the trained features",
-                " and ".join(missing),
-                self.settings.sie_fallback,
+            self._warned_fallback = warn_sie_fallback(
+                self.model, cams, views, self.settings.sie_fallback
             )
-            self._warned_fallback = True
+
+
+def warn_sie_fallback(model: ReIDModel, camids: Any, viewids: Any, fallback: str) -> bool:
+    """Warn when an SIE model is called without ids it uses (they get the SIE fallback).
+
+    Args:
+        model: the ReID model.
+        camids: the call's camera ids, or None.
+        viewids: the call's viewpoint ids, or None.
+        fallback: ``TEST.SIE_FALLBACK``.
+
+    Returns:
+        Whether it warned.
+    """
+    missing = model.missing_sie_ids(camids, viewids)
+    if missing:
+        logger.warning(
+            "SIE model called without %s: using the SIE fallback %r (TEST.SIE_FALLBACK); "
+            "pass the ids for the trained features",
+            " and ".join(missing),
+            fallback,
+        )
+    return bool(missing)
 
 
 def _with_overrides(cfg: CfgNode, overrides: Sequence[str]) -> CfgNode:

@@ -258,6 +258,11 @@ def test_camera_sie_takes_a_camera_id_or_the_fallback(tmp_path, caplog):
         search.main([*query, "TEST.SIE_FALLBACK", "none"])
     result = search.main(query)
     assert result["queries"][0]["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    # With the ids, the fallback plays no part: not recorded, not compared.
+    assert "TEST.SIE_FALLBACK" not in torch.load(with_id, weights_only=True)["settings"]
+    search.main([*query, "--camid", "1", "TEST.SIE_FALLBACK", "none"])
+    query[2] = str(with_id)
+    search.main([*query, "TEST.SIE_FALLBACK", "none"])
     with pytest.raises(search.SearchError, match=r"--camid 3 is outside 0\.\.2"):
         search.main([*base, "--camid", "3", "--out", str(tmp_path / "x.pt")])
 
@@ -265,6 +270,9 @@ def test_camera_sie_takes_a_camera_id_or_the_fallback(tmp_path, caplog):
 def test_camera_view_sie_ids_and_fallback(tmp_path):
     extra = ("MODEL.SIE_CAMERA", "True", "MODEL.SIE_VIEW", "True")
     config, weights, model = _make_run(tmp_path, seed=3, extra=extra, views=2)
+    with torch.no_grad():  # camera 1's two rows (cam * 2 + view) alike: their mean is either
+        model.cv_embed[3] = model.cv_embed[2]
+    torch.save(model.state_dict(), weights)
     img = _sie_image(tmp_path)
     base = ["index", "--config-file", config, "--weights", weights, "--gallery", str(img.parent)]
     out = tmp_path / "i.pt"
@@ -275,11 +283,13 @@ def test_camera_view_sie_ids_and_fallback(tmp_path):
     ids = {"camids": torch.tensor([1]), "viewids": torch.tensor([1])}
     feats = torch.load(out, weights_only=True)["features"]
     torch.testing.assert_close(feats, _reference(model, config, img, **ids))
-    # Only the camera: its row averaged over the views ('mean'), refused under 'none'.
+    # Only the camera: its rows averaged over the views ('mean'), refused under 'none'.
     search.main([*base, "--camid", "1", "--out", str(out)])
     feats = torch.load(out, weights_only=True)["features"]
-    ref = _reference(model, config, img, camids=torch.tensor([1]), sie_fallback="mean")
+    ref = _reference(model, config, img, camids=torch.tensor([1]), viewids=torch.tensor([0]))
     torch.testing.assert_close(feats, ref)
+    other = _reference(model, config, img, camids=torch.tensor([0]), viewids=torch.tensor([0]))
+    assert not torch.allclose(feats, other, atol=1e-3)
     with pytest.raises(search.SearchError, match="needs both --camid and --viewid"):
         search.main([*base, "--camid", "1", "--out", str(out), "TEST.SIE_FALLBACK", "none"])
 

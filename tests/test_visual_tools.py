@@ -145,6 +145,34 @@ def test_attention_of_an_sie_model_without_ids_uses_the_fallback():
     assert model.missing_sie_ids(torch.zeros(1), None) == []
 
 
+def test_attention_tool_on_an_sie_model_without_camid(tmp_path, caplog):
+    from configs.config import save_cfg
+    from model.build import build_model
+
+    opts = ["MODEL.NAME", "ViT-T-16-test", "MODEL.PRETRAIN_TAG", "none", "MODEL.SIE_CAMERA",
+            "True", "INPUT.SIZE_TEST", "[64, 32]", "INPUT.SIZE_TRAIN", "[64, 32]"]  # fmt: skip
+    cfg = load_cfg(None, opts)
+    torch.manual_seed(1)
+    model = build_model(cfg, 3, 4, 1, load_pretrained=False).eval()
+    config, weights = tmp_path / "config.yaml", tmp_path / "w.pth"
+    save_cfg(cfg, str(config))
+    torch.save(model.state_dict(), weights)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 32, 3), np.uint8)).save(folder / f"{i}.png")
+    argv = ["--config-file", str(config), "--weights", str(weights), "--images", str(folder)]
+    with caplog.at_level("WARNING"):
+        result = attention.main([*argv, "--out", str(tmp_path / "a.png")])
+    assert "without camids: using the SIE fallback 'mean'" in caplog.text
+    images = _images(cfg, result["paths"])
+    mean, _ = attention.image_attention(model, images, sie_fallback="mean")
+    none, _ = attention.image_attention(model, images)
+    torch.testing.assert_close(result["rollout"], mean)
+    assert not torch.allclose(result["rollout"], none, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # t-SNE
 def test_tsne_rows_equal_the_extracted_features(run, tmp_path):

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from datasets.image_dataset import read_image
 from datasets.transforms import build_test_transform
 from model.clip.vision import ViTReIDEncoder
+from processor.extractor import warn_sie_fallback
 from tools.search import (
     SearchError,
     add_model_arguments,
@@ -256,13 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = paths[: args.max_images]
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
     check_sie_ids(cfg, model, args.camid, args.viewid)
-    missing = model.missing_sie_ids(args.camid, args.viewid)
-    if missing:
-        logger.warning(
-            "SIE model without %s: using the SIE fallback %r (TEST.SIE_FALLBACK)",
-            " and ".join(missing),
-            cfg.TEST.SIE_FALLBACK,
-        )
+    warn_sie_fallback(model, args.camid, args.viewid, cfg.TEST.SIE_FALLBACK)
     size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
     transform = build_test_transform(size, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
     raw = [read_image(p) for p in paths]

@@ -47,7 +47,7 @@ from model.reid_model import ReIDModel
 from processor.evaluate import EvalSettings, encode_batch
 from processor.extractor import FeatureExtractor, build_feature_extractor
 from utils.checkpoint import write_json
-from utils.cli import UsageError, make_parser, parse_args, run_main
+from utils.cli import UsageError, add_num_views_argument, make_parser, parse_args, run_main
 from utils.logger import setup_logger
 
 __all__ = [
@@ -405,9 +405,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="L2-normalise the output rows (default: TEST.FEAT_NORM)",
     )
-    parser.add_argument(
-        "--num-views", type=int, default=None, help="training views (camera x view SIE only)"
-    )
+    add_num_views_argument(parser)
     parser.add_argument(
         "--sie-inputs",
         action=argparse.BooleanOptionalAction,

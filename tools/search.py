@@ -29,8 +29,8 @@ Camera ids of arbitrary folders are unknown. For a model with SIE (``MODEL.SIE_C
 ``MODEL.SIE_VIEW``) pass ``--camid N`` / ``--viewid N`` (one 0-based id for every image of the
 command, e.g. the query camera's id); an id not given gets the SIE fallback
 ``TEST.SIE_FALLBACK`` ('mean': the mean of the rows it could select; 'none': no SIE vector), with
-a warning. With SIE, an index records the fallback, and a
-query must use the same one.
+a warning. An index built with the fallback records it, and a query that uses the fallback too
+must use the same one.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from utils.cli import (
     OVERRIDES_HELP,
     UsageError,
     add_config_argument,
+    add_num_views_argument,
     make_parser,
     parse_args,
     run_main,
@@ -147,21 +148,25 @@ def list_image_files(path: str, what: str) -> list[str]:
     return files
 
 
-def feature_settings(cfg: CfgNode, weights_sha256: str) -> dict[str, Any]:
-    """The settings that determine the features: ``FEATURE_KEYS`` (with SIE also
-    ``TEST.SIE_FALLBACK``) and the weights.
+def uses_sie_fallback(cfg: CfgNode, camid: int | None, viewid: int | None) -> bool:
+    """Whether a command's features hold the SIE fallback (its model's SIE lacks an id)."""
+    return bool(cfg.MODEL.SIE_CAMERA and camid is None or cfg.MODEL.SIE_VIEW and viewid is None)
+
+
+def feature_settings(cfg: CfgNode, weights_sha256: str, sie_fallback: bool) -> dict[str, Any]:
+    """The settings that determine the features: ``FEATURE_KEYS`` and the weights.
 
     Args:
         cfg: the configuration.
         weights_sha256: hash of the weights file.
+        sie_fallback: the features hold the SIE fallback (:func:`uses_sie_fallback`): then
+            ``TEST.SIE_FALLBACK`` is recorded too.
 
     Returns:
         ``{key: value}`` (lists for list values) plus ``'weights_sha256'``.
     """
     out: dict[str, Any] = {}
-    keys = FEATURE_KEYS
-    if cfg.MODEL.SIE_CAMERA or cfg.MODEL.SIE_VIEW:
-        keys += ("TEST.SIE_FALLBACK",)  # what an image without its ids gets
+    keys = FEATURE_KEYS + (("TEST.SIE_FALLBACK",) if sie_fallback else ())
     for key in keys:
         node: Any = cfg
         for part in key.split("."):
@@ -352,7 +357,7 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
         "version": INDEX_VERSION,
         "features": feats.to(torch.float16 if args.dtype == "float16" else torch.float32),
         "paths": paths,
-        "settings": feature_settings(cfg, sha),
+        "settings": feature_settings(cfg, sha, uses_sie_fallback(cfg, args.camid, args.viewid)),
         "config": cfg.dump(),
         "weights": os.path.abspath(args.weights),
         "model_name": cfg.MODEL.NAME,
@@ -468,6 +473,9 @@ def check_index(index: dict[str, Any], settings: dict[str, Any], path: str) -> N
         settings: :func:`feature_settings` of the query command.
         path: the index path (for the message).
 
+    ``TEST.SIE_FALLBACK`` is compared only when both sides used the fallback (with its ids an
+    image's feature is the same whatever the fallback).
+
     Raises:
         SearchError: naming every differing key with both values.
     """
@@ -475,7 +483,7 @@ def check_index(index: dict[str, Any], settings: dict[str, Any], path: str) -> N
     diffs = [
         f"{key}: index {built.get(key)!r}, query {value!r}"
         for key, value in settings.items()
-        if built.get(key) != value
+        if built.get(key) != value and (key in built or key != "TEST.SIE_FALLBACK")
     ]
     if diffs:
         raise SearchError(
@@ -500,7 +508,8 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
     """
     index = load_index(args.index)
     cfg, device, sha = setup_command(args)
-    check_index(index, feature_settings(cfg, sha), args.index)
+    fallback = uses_sie_fallback(cfg, args.camid, args.viewid)
+    check_index(index, feature_settings(cfg, sha, fallback), args.index)
     if args.topk < 1:
         raise SearchError(f"--topk must be positive, got {args.topk}")
     paths = [p for q in args.query for p in list_image_files(q, "--query")]
@@ -558,9 +567,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, sie: bool = True) -> No
     """
     add_config_argument(parser, required=True)
     parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
-    parser.add_argument(
-        "--num-views", type=int, default=None, help="training views (camera x view SIE only)"
-    )
+    add_num_views_argument(parser)
     if sie:
         parser.add_argument(
             "--camid", type=int, default=None, help="camera id (camera SIE; default: the fallback)"

@@ -197,6 +197,17 @@ def add_config_argument(parser: argparse.ArgumentParser, required: bool = False)
     )
 
 
+def add_num_views_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--num-views N``: a camera x view SIE checkpoint's views (its table does not say).
+
+    Args:
+        parser: the parser of a command that loads a trained checkpoint.
+    """
+    parser.add_argument(
+        "--num-views", type=int, default=None, help="training views (camera x view SIE only)"
+    )
+
+
 def parse_args(
     parser: argparse.ArgumentParser, argv: Sequence[str] | None, overrides: bool = True
 ) -> tuple[argparse.Namespace, list[str]]:
