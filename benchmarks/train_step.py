@@ -149,6 +149,9 @@ def published_peak(device_name: str, key: str) -> float | None:
     Args:
         device_name: ``torch.cuda.get_device_name()``, e.g. 'NVIDIA H200'.
         key: 'bf16', 'fp16', 'tf32' or 'fp32'.
+
+    Returns:
+        TFLOPS, or None for a GPU the table does not know.
     """
     for pattern, figures in PEAK_TFLOPS:
         if pattern in device_name:

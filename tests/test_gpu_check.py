@@ -198,8 +198,7 @@ def test_interrupt_after_raises_at_the_deadline():
     try:
         start = time.perf_counter()
         with pytest.raises(KeyboardInterrupt), gpu_check.interrupt_after(0.05):
-            while time.perf_counter() - start < 5:
-                time.sleep(0.01)
+            time.sleep(5)  # a blocking call: the signal must interrupt it
         assert time.perf_counter() - start < 2
         with gpu_check.interrupt_after(0.05):
             pass
