@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from configs.config import ConfigError, load_cfg
 from configs.defaults import get_cfg_defaults
@@ -106,6 +107,29 @@ def test_epochs_replay_independent_of_workers(root):
     for got in (runs[0][2], runs[1][0], runs[1][2]):  # same epoch, any worker count: same data
         assert [p for p, _ in got] == [p for p, _ in reference]
         assert all(torch.equal(x, y) for (_, x), (_, y) in zip(got, reference, strict=True))
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_workers_started_without_fork_load_the_same_batches(root, method):
+    # Python 3.14 starts workers with forkserver on Linux and macOS/Windows use spawn: the
+    # datasets, transforms, samplers and worker seeding must pickle and not rely on fork.
+    reference = build_dataloaders(synthetic_cfg(root, 0)).train_stage2
+    reference.batch_sampler.set_epoch(1)
+    expected = [(x["paths"], x["images"]) for x in reference]
+    loader = build_dataloaders(synthetic_cfg(root, 2)).train_stage2
+    loader.batch_sampler.set_epoch(1)
+    other = DataLoader(
+        loader.dataset,
+        batch_sampler=loader.batch_sampler,
+        num_workers=2,
+        collate_fn=loader.collate_fn,
+        worker_init_fn=loader.worker_init_fn,
+        generator=loader.generator,
+        multiprocessing_context=method,
+    )
+    got = [(x["paths"], x["images"]) for x in other]
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(got, expected, strict=True))
 
 
 def test_softmax_sampler_is_a_seeded_shuffle(root):
