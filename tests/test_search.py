@@ -267,6 +267,33 @@ def test_camera_sie_takes_a_camera_id_or_the_fallback(tmp_path, caplog):
         search.main([*base, "--camid", "3", "--out", str(tmp_path / "x.pt")])
 
 
+def test_camera_ids_per_image_from_the_file_names(tmp_path):
+    config, weights, model = _make_run(tmp_path, seed=4, extra=("MODEL.SIE_CAMERA", "True"))
+    folder = tmp_path / "g"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    names = ["0001_c1s1_000001_00.png", "0002_c3s2_000101_00.png"]  # Market-1501: 1-based
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)).save(folder / name)
+    base = ["index", "--config-file", config, "--weights", weights, "--gallery", str(folder)]
+    out = tmp_path / "i.pt"
+    pattern = ["--camid-pattern", r"_c(\d+)s", "--id-base", "1"]
+    index = search.main([*base, *pattern, "--out", str(out)])
+    assert index["paths"] == [str(folder / n) for n in names] and index["camid"] == [0, 2]
+    assert "TEST.SIE_FALLBACK" not in index["settings"]  # every image has its id
+    for i, name in enumerate(names):
+        ref = _reference(model, config, folder / name, camids=torch.tensor([index["camid"][i]]))
+        torch.testing.assert_close(index["features"][i : i + 1], ref)
+    with pytest.raises(search.SearchError, match=r"--camid-pattern gives ids 1\.\.3 .* 0\.\.2"):
+        search.main([*base, "--camid-pattern", r"_c(\d+)s", "--out", str(out)])  # 1-based
+    with pytest.raises(search.SearchError, match=r"finds no number in .*0001_c1s1"):
+        search.main([*base, "--camid-pattern", r"cam(\d+)", "--out", str(out)])
+    with pytest.raises(search.SearchError, match="has no group"):
+        search.main([*base, "--camid-pattern", r"_c\d+s", "--out", str(out)])
+    with pytest.raises(search.SearchError, match="--camid and --camid-pattern are both given"):
+        search.main([*base, *pattern, "--camid", "0", "--out", str(out)])
+
+
 def test_camera_view_sie_ids_and_fallback(tmp_path):
     extra = ("MODEL.SIE_CAMERA", "True", "MODEL.SIE_VIEW", "True")
     config, weights, model = _make_run(tmp_path, seed=3, extra=extra, views=2)

@@ -171,6 +171,12 @@ def test_attention_tool_on_an_sie_model_without_camid(tmp_path, caplog):
     none, _ = attention.image_attention(model, images)
     torch.testing.assert_close(result["rollout"], mean)
     assert not torch.allclose(result["rollout"], none, atol=1e-5)
+    # One camera id per image, from the file names 0.png and 1.png.
+    per_image = attention.main(
+        [*argv, "--camid-pattern", r"(\d)\.png", "--out", str(tmp_path / "b.png")]
+    )
+    cams, _ = attention.image_attention(model, images, camids=torch.tensor([0, 1]))
+    torch.testing.assert_close(per_image["rollout"], cams)
 
 
 # ----------------------------------------------------------------------------------------------

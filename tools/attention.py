@@ -15,8 +15,9 @@ The weights are read without changing the model: forward hooks on each block's a
 take its input (the ``ln_1`` output) and recompute ``softmax(q k^T / sqrt(d))`` from the module's
 own ``in_proj`` weights, while the block runs as usual. The output PNG has the images (resized to
 the model's input size, as the model sees them) in the top row and the maps over them below.
-Models with the camera / viewpoint SIE take ``--camid`` / ``--viewid`` as in ``tools.search``
-(without them, the ``TEST.SIE_FALLBACK`` vector).
+Models with the camera / viewpoint SIE take ``--camid`` / ``--viewid`` or the per-image
+``--camid-pattern`` / ``--viewid-pattern`` as ``tools.search`` does (without them, the
+``TEST.SIE_FALLBACK`` vector).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from tools.search import (
     add_model_arguments,
     build_search_model,
     check_sie_ids,
+    command_ids,
     list_image_files,
     setup_command,
 )
@@ -256,15 +258,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     paths = [p for src in args.images for p in list_image_files(src, "--images")]
     paths = paths[: args.max_images]
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
-    check_sie_ids(cfg, model, args.camid, args.viewid)
-    warn_sie_fallback(model, args.camid, args.viewid, cfg.TEST.SIE_FALLBACK)
+    cams, views = command_ids(args, paths)
+    check_sie_ids(cfg, model, cams, views)
+    warn_sie_fallback(model, cams, views, cfg.TEST.SIE_FALLBACK)
     size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))
     transform = build_test_transform(size, cfg.INPUT.PIXEL_MEAN, cfg.INPUT.PIXEL_STD)
     raw = [read_image(p) for p in paths]
     images = torch.stack([transform(r) for r in raw]).to(device)
     n = len(paths)
-    camids = torch.full((n,), args.camid, device=device) if args.camid is not None else None
-    viewids = torch.full((n,), args.viewid, device=device) if args.viewid is not None else None
+    camids, viewids = (
+        None if ids is None else torch.as_tensor(ids, dtype=torch.int64, device=device).expand(n)
+        for ids in (cams, views)
+    )
     rollout, _ = image_attention(model, images, camids, viewids, cfg.TEST.SIE_FALLBACK)
     maps = cls_attention_maps(rollout, model.image_encoder.grid).cpu()
     # Each image stretched to the model's input aspect, as the test transform does.

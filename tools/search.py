@@ -27,10 +27,11 @@ weights); ``query`` refuses an index whose settings differ from its own.
 
 Camera ids of arbitrary folders are unknown. For a model with SIE (``MODEL.SIE_CAMERA`` /
 ``MODEL.SIE_VIEW``) pass ``--camid N`` / ``--viewid N`` (one 0-based id for every image of the
-command, e.g. the query camera's id); an id not given gets the SIE fallback
-``TEST.SIE_FALLBACK`` ('mean': the mean of the rows it could select; 'none': no SIE vector), with
-a warning. An index built with the fallback records it, and a query that uses the fallback too
-must use the same one.
+command, e.g. the query camera's id) or ``--camid-pattern REGEX`` / ``--viewid-pattern REGEX``
+(one id per image: the number the first group finds in its path, minus ``--id-base``); an id
+not given gets the SIE fallback ``TEST.SIE_FALLBACK`` ('mean': the mean of the rows it could
+select; 'none': no SIE vector), with a warning. An index built with the fallback records it, and
+a query that uses the fallback too must use the same one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,7 @@ def list_image_files(path: str, what: str) -> list[str]:
     return files
 
 
-def uses_sie_fallback(cfg: CfgNode, camid: int | None, viewid: int | None) -> bool:
+def uses_sie_fallback(cfg: CfgNode, camid: Ids, viewid: Ids) -> bool:
     """Whether a command's features hold the SIE fallback (its model's SIE lacks an id)."""
     return bool(cfg.MODEL.SIE_CAMERA and camid is None or cfg.MODEL.SIE_VIEW and viewid is None)
 
@@ -199,14 +201,79 @@ def build_search_model(cfg: CfgNode, weights: str, num_views: int | None = None)
         raise SearchError(str(err)) from err
 
 
-def check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int | None) -> None:
-    """Check the ``--camid`` / ``--viewid`` of a command against the model's SIE.
+Ids = int | list[int] | None  # one id for every image, one per image, or none
+
+
+def ids_from_paths(paths: Sequence[str], pattern: str, base: int, flag: str) -> list[int]:
+    """One id per image: the number a regular expression's first group finds in its path.
+
+    Args:
+        paths: image paths.
+        pattern: the expression (``re.search`` in each path), e.g. ``'_c(\\d+)s'``.
+        base: subtracted from each number (1 for 1-based camera names such as Market-1501's).
+        flag: the option, for messages.
+
+    Returns:
+        ``int(group 1) - base`` per path.
+
+    Raises:
+        SearchError: an invalid expression, one without a group, or a path it finds no number in.
+    """
+    try:
+        rx = re.compile(pattern)
+    except re.error as err:
+        raise SearchError(f"{flag} {pattern!r} is not a regular expression: {err}") from err
+    if rx.groups < 1:
+        raise SearchError(
+            f"{flag} {pattern!r} has no group: put the id's digits in parentheses, e.g. '_c(\\d+)s'"
+        )
+    ids = []
+    for path in paths:
+        m = rx.search(path)
+        if m is None or not (m.group(1) or "").isdigit():
+            raise SearchError(f"{flag} {pattern!r} finds no number in {path!r}")
+        ids.append(int(m.group(1)) - base)
+    return ids
+
+
+def command_ids(args: argparse.Namespace, paths: Sequence[str]) -> tuple[Ids, Ids]:
+    """The camera and viewpoint ids of a command's images (see :func:`add_model_arguments`).
+
+    Args:
+        args: the parsed ``--camid`` / ``--viewid``, ``--camid-pattern`` / ``--viewid-pattern``
+            and ``--id-base``.
+        paths: the command's images.
+
+    Returns:
+        (camera ids, viewpoint ids): each one int for all images, a list of one per image, or
+        None (not given: the SIE fallback applies).
+
+    Raises:
+        SearchError: an id given both ways, or a pattern that does not fit (see
+            :func:`ids_from_paths`).
+    """
+    out: list[Ids] = []
+    for flag, value, pattern in (
+        ("--camid", args.camid, args.camid_pattern),
+        ("--viewid", args.viewid, args.viewid_pattern),
+    ):
+        if pattern is None:
+            out.append(value)
+        elif value is not None:
+            raise SearchError(f"{flag} and {flag}-pattern are both given; use one")
+        else:
+            out.append(ids_from_paths(paths, pattern, args.id_base, f"{flag}-pattern"))
+    return out[0], out[1]
+
+
+def check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: Ids, viewid: Ids) -> None:
+    """Check the camera / viewpoint ids of a command (:func:`command_ids`) against the SIE.
 
     Args:
         cfg: the configuration (``MODEL.SIE_CAMERA``, ``MODEL.SIE_VIEW``).
         model: the model (its SIE table sizes).
-        camid: ``--camid`` or None.
-        viewid: ``--viewid`` or None.
+        camid: camera ids or None.
+        viewid: viewpoint ids or None.
 
     Raises:
         SearchError: an id is out of range or given without its SIE, or the camera x viewpoint
@@ -226,10 +293,17 @@ def check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: int | None, viewid: int
         (cfg.MODEL.SIE_CAMERA, camid, "--camid", "MODEL.SIE_CAMERA", model.num_cameras),
         (cfg.MODEL.SIE_VIEW, viewid, "--viewid", "MODEL.SIE_VIEW", model.num_views),
     ):
-        if enabled and value is not None and not 0 <= value < count:
-            raise SearchError(f"{flag} {value} is outside 0..{count - 1} (the SIE table's rows)")
-        if not enabled and value is not None:
+        if value is None:
+            continue
+        if not enabled:
             raise SearchError(f"{flag} is only used with {key} True; remove it")
+        if isinstance(value, int) and not 0 <= value < count:
+            raise SearchError(f"{flag} {value} is outside 0..{count - 1} (the SIE table's rows)")
+        if isinstance(value, list) and value and not 0 <= min(value) <= max(value) < count:
+            raise SearchError(
+                f"{flag}-pattern gives ids {min(value)}..{max(value)} (after --id-base), outside "
+                f"0..{count - 1} (the SIE table's rows)"
+            )
 
 
 def compute_features(
@@ -237,8 +311,8 @@ def compute_features(
     cfg: CfgNode,
     paths: Sequence[str],
     device: torch.device,
-    camid: int | None = None,
-    viewid: int | None = None,
+    camid: Ids = None,
+    viewid: Ids = None,
 ) -> torch.Tensor:
     """Evaluation features of image files: :class:`processor.extractor.FeatureExtractor`'s.
 
@@ -248,8 +322,8 @@ def compute_features(
             TEST.FEAT_NORM, TEST.FLIP_FEAT, DATALOADER.NUM_WORKERS and the SIE/precision keys).
         paths: N image files.
         device: where the model runs.
-        camid: camera id of every image (camera SIE only).
-        viewid: viewpoint id of every image (viewpoint SIE only).
+        camid: camera id of every image, or one per image (camera SIE only).
+        viewid: viewpoint id(s), likewise (viewpoint SIE only).
 
     Returns:
         float32 [N, D] on the CPU, L2-normalised per row when ``TEST.FEAT_NORM``.
@@ -352,19 +426,20 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
     paths = list_image_files(args.gallery, "--gallery")
     logger.info("indexing %d gallery images of %s on %s", len(paths), args.gallery, device)
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
-    feats = compute_features(model, cfg, paths, device, args.camid, args.viewid)
+    camid, viewid = command_ids(args, paths)
+    feats = compute_features(model, cfg, paths, device, camid, viewid)
     index = {
         "version": INDEX_VERSION,
         "features": feats.to(torch.float16 if args.dtype == "float16" else torch.float32),
         "paths": paths,
-        "settings": feature_settings(cfg, sha, uses_sie_fallback(cfg, args.camid, args.viewid)),
+        "settings": feature_settings(cfg, sha, uses_sie_fallback(cfg, camid, viewid)),
         "config": cfg.dump(),
         "weights": os.path.abspath(args.weights),
         "model_name": cfg.MODEL.NAME,
         "feat_dim": int(feats.shape[1]),
         "metric": "cosine" if cfg.TEST.FEAT_NORM else "euclidean",
-        "camid": args.camid,
-        "viewid": args.viewid,
+        "camid": camid,
+        "viewid": viewid,
     }
     kind = _index_ann_kind(args.ann, len(paths))
     if kind is not None:
@@ -508,13 +583,14 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
     """
     index = load_index(args.index)
     cfg, device, sha = setup_command(args)
-    fallback = uses_sie_fallback(cfg, args.camid, args.viewid)
-    check_index(index, feature_settings(cfg, sha, fallback), args.index)
     if args.topk < 1:
         raise SearchError(f"--topk must be positive, got {args.topk}")
     paths = [p for q in args.query for p in list_image_files(q, "--query")]
+    camid, viewid = command_ids(args, paths)
+    fallback = uses_sie_fallback(cfg, camid, viewid)
+    check_index(index, feature_settings(cfg, sha, fallback), args.index)
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
-    qf = compute_features(model, cfg, paths, device, args.camid, args.viewid)
+    qf = compute_features(model, cfg, paths, device, camid, viewid)
     metric = index["metric"]
     scores, idx, method = search_gallery(
         index, qf, args.topk, args.ann, args.ef_search, args.nprobe, device
@@ -563,17 +639,34 @@ def add_model_arguments(parser: argparse.ArgumentParser, sie: bool = True) -> No
 
     Args:
         parser: the command's parser.
-        sie: also ``--camid`` / ``--viewid`` (images from folders, which carry no ids).
+        sie: also the SIE ids of the images (folders carry none): ``--camid`` / ``--viewid``
+            (one for all), ``--camid-pattern`` / ``--viewid-pattern`` and ``--id-base`` (one per
+            image, from its path; see :func:`command_ids`).
     """
     add_config_argument(parser, required=True)
     parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
     add_num_views_argument(parser)
     if sie:
+        for kind, what in (("camid", "camera"), ("viewid", "viewpoint")):
+            parser.add_argument(
+                f"--{kind}",
+                type=int,
+                default=None,
+                help=f"{what} id of every image ({what} SIE; default: the SIE fallback)",
+            )
+            parser.add_argument(
+                f"--{kind}-pattern",
+                default=None,
+                metavar="REGEX",
+                help=f"{what} id of each image: the number REGEX's first group finds in its path, "
+                "minus --id-base",
+            )
         parser.add_argument(
-            "--camid", type=int, default=None, help="camera id (camera SIE; default: the fallback)"
-        )
-        parser.add_argument(
-            "--viewid", type=int, default=None, help="view id (view SIE; default: the fallback)"
+            "--id-base",
+            type=int,
+            default=0,
+            help="subtracted from the numbers the patterns find (1 for 1-based names: "
+            "--camid-pattern '_c(\\d+)s' --id-base 1 for Market-1501's)",
         )
 
 
