@@ -265,6 +265,13 @@ def test_camera_sie_takes_a_camera_id_or_the_fallback(tmp_path, caplog):
     search.main([*query, "TEST.SIE_FALLBACK", "none"])
     with pytest.raises(search.SearchError, match=r"--camid 3 is outside 0\.\.2"):
         search.main([*base, "--camid", "3", "--out", str(tmp_path / "x.pt")])
+    # Appending an image without its id to an index built with ids: per-image ids, and the
+    # fallback recorded from then on.
+    shutil.copy(img, img.parent / "b.png")
+    grown = search.main([*base, "--append", "--out", str(with_id)])
+    assert grown["paths"] == [str(img), str(img.parent / "b.png")]
+    assert grown["camid"] == [2, None] and grown["settings"]["TEST.SIE_FALLBACK"] == "mean"
+    torch.testing.assert_close(grown["features"][1:], mean)
 
 
 def test_camera_ids_per_image_from_the_file_names(tmp_path):
@@ -375,6 +382,52 @@ def test_stored_ivf_and_built_hnsw_rank_as_exact_search(env, tmp_path):
     hnsw = search.main(["query", "--index", str(env["index"]), *base, "--ann", "hnsw",
                         "--ef-search", "64", "--out", str(tmp_path / "h")])  # fmt: skip
     assert hnsw["search"] == "hnsw" and _query_paths(hnsw) == _query_paths(exact)
+
+
+def test_append_extracts_only_the_new_images(env, tmp_path, monkeypatch):
+    from utils.ann import deserialize_ann
+
+    gallery, later = tmp_path / "g", tmp_path / "later"
+    shutil.copytree(env["gallery"] / "cam_a", gallery)
+    later.mkdir()
+    for f in sorted(gallery.glob("*.jpg"))[-3:]:
+        shutil.move(f, later / f.name)
+    out = tmp_path / "i.pt"
+    base = ["index", *env["base"], "--gallery", str(gallery), "--out", str(out)]
+    first = search.main([*base, "--ann", "hnsw", "--dtype", "float16"])
+    for f in later.iterdir():
+        shutil.move(f, gallery / f.name)
+    extracted = []
+    real = search.compute_features
+    monkeypatch.setattr(
+        search,
+        "compute_features",
+        lambda m, c, paths, *a: extracted.append(len(paths)) or real(m, c, paths, *a),
+    )
+    appended = search.main([*base, "--append"])
+    assert extracted == [3]  # the old images are not extracted again
+    n_old = len(first["paths"])
+    assert appended["paths"][:n_old] == first["paths"]
+    assert sorted(appended["paths"]) == sorted(str(p) for p in gallery.glob("*.jpg"))
+    assert torch.equal(appended["features"][:n_old], first["features"])  # untouched, float16 kept
+    full = search.main(
+        ["index", *env["base"], "--gallery", str(gallery), "--out", str(tmp_path / "f.pt")]
+    )
+    rows = {p: f for p, f in zip(full["paths"], full["features"], strict=True)}
+    fresh = torch.stack([rows[p] for p in appended["paths"]]).half()
+    torch.testing.assert_close(appended["features"].float(), fresh.float(), atol=1e-3, rtol=0)
+    assert appended["ann"]["kind"] == "hnsw"
+    assert deserialize_ann(appended["ann"]["data"], None, None).ntotal == len(appended["paths"])
+    # A new image is found in the appended index; nothing new: nothing extracted or written.
+    new_image = appended["paths"][-1]
+    query = ["query", "--index", str(out), *env["base"], "--query", new_image, "--ann", "exact"]
+    hits = search.main([*query, "--out", str(tmp_path / "r")])["queries"][0]["results"]
+    assert hits[0]["path"] == new_image
+    stamp, calls = out.stat().st_mtime_ns, len(extracted)
+    search.main([*base, "--append"])
+    assert len(extracted) == calls and out.stat().st_mtime_ns == stamp
+    with pytest.raises(search.SearchError, match=r"TEST.NECK_FEAT: index 'before', append 'after'"):
+        search.main([*base, "--append", "TEST.NECK_FEAT", "after"])
 
 
 def test_ann_auto_threshold_and_missing_faiss(env, tmp_path, monkeypatch):

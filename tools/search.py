@@ -23,7 +23,8 @@ uses the stored index of that kind or builds one for the command. ``--nprobe`` /
 trade speed for recall (``docs/benchmarks.md``: recall@10 and queries/s against exact search).
 
 An index records the settings it was built with (model, eval-relevant config keys, a hash of the
-weights); ``query`` refuses an index whose settings differ from its own.
+weights); ``query`` refuses an index whose settings differ from its own. ``index --append`` adds
+the folder's images an existing index does not hold yet (same settings, checked).
 
 Camera ids of arbitrary folders are unknown. For a model with SIE (``MODEL.SIE_CAMERA`` /
 ``MODEL.SIE_VIEW``) pass ``--camid N`` / ``--viewid N`` (one 0-based id for every image of the
@@ -413,26 +414,42 @@ def setup_command(args: argparse.Namespace) -> tuple[CfgNode, torch.device, str]
 def build_index(args: argparse.Namespace) -> dict[str, Any]:
     """``index``: extract the gallery features and save the index atomically.
 
+    With ``--append`` and an existing ``--out``, only the folder's images the index does not
+    hold yet are extracted and added (the index's model and feature settings must be the
+    command's; its precision is kept, its approximate index rebuilt over all images).
+
     Args:
-        args: parsed ``index`` arguments (config_file, weights, gallery, out, dtype, ann, camid,
-            viewid, opts).
+        args: parsed ``index`` arguments (config_file, weights, gallery, out, dtype, ann, append,
+            the SIE ids, opts).
 
     Returns:
         The saved index: features [N, D] (float32 or float16), paths, settings, config,
-        weights, model_name, feat_dim, metric, camid, viewid, version, and with an approximate
-        index 'ann' ({'kind', 'params', 'data': the serialised faiss index}).
+        weights, model_name, feat_dim, metric, camid, viewid (as given: one id, a list of one
+        per image, or None), version, and with an approximate index 'ann' ({'kind', 'params',
+        'data': the serialised faiss index}).
     """
     cfg, device, sha = setup_command(args)
+    old = load_index(args.out) if args.append and os.path.isfile(args.out) else None
     paths = list_image_files(args.gallery, "--gallery")
+    if old is not None:
+        known = set(old["paths"])
+        paths = [p for p in paths if p not in known]
+    camid, viewid = command_ids(args, paths)
+    settings = feature_settings(cfg, sha, uses_sie_fallback(cfg, camid, viewid))
+    if old is not None:
+        check_index(old, settings, args.out, "append")
+        if not paths:
+            logger.info("%s holds every image of %s already: unchanged", args.out, args.gallery)
+            return old
     logger.info("indexing %d gallery images of %s on %s", len(paths), args.gallery, device)
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
-    camid, viewid = command_ids(args, paths)
     feats = compute_features(model, cfg, paths, device, camid, viewid)
+    dtype = torch.float16 if args.dtype == "float16" else torch.float32
     index = {
         "version": INDEX_VERSION,
-        "features": feats.to(torch.float16 if args.dtype == "float16" else torch.float32),
+        "features": feats.to(dtype),
         "paths": paths,
-        "settings": feature_settings(cfg, sha, uses_sie_fallback(cfg, camid, viewid)),
+        "settings": settings,
         "config": cfg.dump(),
         "weights": os.path.abspath(args.weights),
         "model_name": cfg.MODEL.NAME,
@@ -442,13 +459,35 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
         "viewid": viewid,
     }
     kind = _index_ann_kind(args.ann, len(paths))
+    if old is not None:
+        index = _appended(old, index)
+        kind = (
+            old["ann"]["kind"] if "ann" in old else _index_ann_kind(args.ann, len(index["paths"]))
+        )
     if kind is not None:
         params = AnnParams()
-        ann = _faiss_call(build_ann, feats, kind, index["metric"], params)
+        ann = _faiss_call(build_ann, index["features"], kind, index["metric"], params)
         index["ann"] = {"kind": kind, "params": params.as_dict(), "data": serialize_ann(ann)}
     save_checkpoint(index, args.out)
-    logger.info("index of %d x %d features written to %s", len(paths), feats.shape[1], args.out)
+    n, dim = index["features"].shape
+    logger.info("index of %d x %d features written to %s", n, dim, args.out)
     return index
+
+
+def _appended(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """An index holding ``old``'s images then ``new``'s (same model and settings, checked)."""
+
+    def per_image(ids: Ids, n: int) -> list[int | None]:
+        return list(ids) if isinstance(ids, list) else [ids] * n
+
+    n_old, n_new = len(old["paths"]), len(new["paths"])
+    out = {**new, "features": torch.cat([old["features"], new["features"].to(old["features"])])}
+    out["paths"] = old["paths"] + new["paths"]
+    out["settings"] = {**new["settings"], **old["settings"]}  # the fallback, if either used it
+    for key in ("camid", "viewid"):
+        ids = per_image(old[key], n_old) + per_image(new[key], n_new)
+        out[key] = None if all(i is None for i in ids) else ids
+    return out
 
 
 def _faiss_call(fn: Any, *args: Any) -> Any:
@@ -540,13 +579,16 @@ def load_index(path: str) -> dict[str, Any]:
     return index
 
 
-def check_index(index: dict[str, Any], settings: dict[str, Any], path: str) -> None:
-    """Refuse an index whose feature settings differ from the query's.
+def check_index(
+    index: dict[str, Any], settings: dict[str, Any], path: str, command: str = "query"
+) -> None:
+    """Refuse an index whose feature settings differ from a command's.
 
     Args:
         index: the loaded index.
-        settings: :func:`feature_settings` of the query command.
+        settings: :func:`feature_settings` of the command.
         path: the index path (for the message).
+        command: what the command is, for the message ('query', 'append').
 
     ``TEST.SIE_FALLBACK`` is compared only when both sides used the fallback (with its ids an
     image's feature is the same whatever the fallback).
@@ -556,13 +598,13 @@ def check_index(index: dict[str, Any], settings: dict[str, Any], path: str) -> N
     """
     built = index["settings"]
     diffs = [
-        f"{key}: index {built.get(key)!r}, query {value!r}"
+        f"{key}: index {built.get(key)!r}, {command} {value!r}"
         for key, value in settings.items()
         if built.get(key) != value and (key in built or key != "TEST.SIE_FALLBACK")
     ]
     if diffs:
         raise SearchError(
-            f"--index {path!r} was built with another model or config than this query "
+            f"index {path!r} was built with another model or config than this {command} "
             f"(index weights {index.get('weights')!r}); its features are not comparable. "
             "Differences:\n- " + "\n- ".join(diffs) + "\nRebuild the index or pass the "
             "--config-file, --weights and overrides it was built with."
@@ -693,6 +735,12 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="also store an approximate index (needs faiss); auto: "
         f"{ANN_AUTO_KIND} from {ANN_AUTO_MIN} images on when faiss is installed",
+    )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the folder's images that --out does not hold yet to it (same model and "
+        "settings; the others are not extracted again)",
     )
     q = sub.add_parser(
         "query",
