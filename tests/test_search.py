@@ -276,22 +276,24 @@ def test_camera_sie_takes_a_camera_id_or_the_fallback(tmp_path, caplog):
 
 def test_camera_ids_per_image_from_the_file_names(tmp_path):
     config, weights, model = _make_run(tmp_path, seed=4, extra=("MODEL.SIE_CAMERA", "True"))
-    folder = tmp_path / "g"
-    folder.mkdir()
+    folder = tmp_path / "c7" / "g"  # a number in the folders above must not match
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(1)
     names = ["0001_c1s1_000001_00.png", "0002_c3s2_000101_00.png"]  # Market-1501: 1-based
     for name in names:
         Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)).save(folder / name)
     base = ["index", "--config-file", config, "--weights", weights, "--gallery", str(folder)]
     out = tmp_path / "i.pt"
-    pattern = ["--camid-pattern", r"_c(\d+)s", "--id-base", "1"]
+    pattern = ["--camid-pattern", r"_c(\d+)s", "--camid-base", "1"]
     index = search.main([*base, *pattern, "--out", str(out)])
     assert index["paths"] == [str(folder / n) for n in names] and index["camid"] == [0, 2]
     assert "TEST.SIE_FALLBACK" not in index["settings"]  # every image has its id
     for i, name in enumerate(names):
         ref = _reference(model, config, folder / name, camids=torch.tensor([index["camid"][i]]))
         torch.testing.assert_close(index["features"][i : i + 1], ref)
-    with pytest.raises(search.SearchError, match=r"--camid-pattern gives ids 1\.\.3 .* 0\.\.2"):
+    with pytest.raises(
+        search.SearchError, match=r"--camid-pattern gives ids 1\.\.3 .*--camid-base.* 0\.\.2"
+    ):
         search.main([*base, "--camid-pattern", r"_c(\d+)s", "--out", str(out)])  # 1-based
     with pytest.raises(search.SearchError, match=r"finds no number in .*0001_c1s1"):
         search.main([*base, "--camid-pattern", r"cam(\d+)", "--out", str(out)])
@@ -299,6 +301,17 @@ def test_camera_ids_per_image_from_the_file_names(tmp_path):
         search.main([*base, "--camid-pattern", r"_c\d+s", "--out", str(out)])
     with pytest.raises(search.SearchError, match="--camid and --camid-pattern are both given"):
         search.main([*base, *pattern, "--camid", "0", "--out", str(out)])
+    with pytest.raises(search.SearchError, match="--camid-base applies to --camid-pattern only"):
+        search.main([*base, "--camid", "0", "--camid-base", "1", "--out", str(out)])
+    # A query reads its ids the same way: each image finds itself (similarity 1) only with its
+    # own camera's SIE vector.
+    query = ["query", "--index", str(out), "--config-file", config, "--weights", weights]
+    query += ["--query", str(folder), "--out", str(tmp_path / "r"), "--topk", "1"]
+    found = search.main([*query, *pattern])["queries"]
+    assert [q["results"][0]["path"] for q in found] == index["paths"]
+    assert all(q["results"][0]["similarity"] == pytest.approx(1.0, abs=1e-5) for q in found)
+    other = search.main([*query, "--camid", "1"])["queries"]
+    assert all(q["results"][0]["similarity"] < 0.9999 for q in other)
 
 
 def test_camera_view_sie_ids_and_fallback(tmp_path):
@@ -326,6 +339,20 @@ def test_camera_view_sie_ids_and_fallback(tmp_path):
     assert not torch.allclose(feats, other, atol=1e-3)
     with pytest.raises(search.SearchError, match="needs both --camid and --viewid"):
         search.main([*base, "--camid", "1", "--out", str(out), "TEST.SIE_FALLBACK", "none"])
+    # Both ids per image from the file names (camera 1-based, view 0-based).
+    named = tmp_path / "named"
+    named.mkdir()
+    shutil.copy(img, named / "c2_v1.png")
+    shutil.copy(img, named / "c3_v0.png")
+    both = ["--camid-pattern", r"c(\d)_", "--camid-base", "1", "--viewid-pattern", r"_v(\d)"]
+    gallery_at = base.index("--gallery") + 1
+    named_base = [*base[:gallery_at], str(named), *base[gallery_at + 1 :]]
+    index = search.main([*named_base, *both, "--out", str(out)])
+    assert (index["camid"], index["viewid"]) == ([1, 2], [1, 0])
+    for i, (c, v) in enumerate(((1, 1), (2, 0))):
+        ids = {"camids": torch.tensor([c]), "viewids": torch.tensor([v])}
+        ref = _reference(model, config, img, **ids)
+        torch.testing.assert_close(index["features"][i : i + 1], ref)
 
 
 def test_crafted_weights_or_index_are_refused_unread(env, tmp_path):
@@ -428,6 +455,15 @@ def test_append_extracts_only_the_new_images(env, tmp_path, monkeypatch):
     assert len(extracted) == calls and out.stat().st_mtime_ns == stamp
     with pytest.raises(search.SearchError, match=r"TEST.NECK_FEAT: index 'before', append 'after'"):
         search.main([*base, "--append", "TEST.NECK_FEAT", "after"])
+    # The precision cannot change on append; the kind of approximate index can.
+    shutil.copy(new_image, gallery / "extra.jpg")
+    with pytest.raises(search.SearchError, match="holds float16 features: --dtype float32"):
+        search.main([*base, "--append", "--dtype", "float32"])
+    grown = search.main([*base, "--append", "--ann", "none"])
+    assert "ann" not in grown and len(grown["paths"]) == len(appended["paths"]) + 1
+    # Without an index at --out, --append builds one.
+    fresh = search.main([*base[:-1], str(tmp_path / "new.pt"), "--append"])
+    assert sorted(fresh["paths"]) == sorted(grown["paths"])
 
 
 def test_ann_auto_threshold_and_missing_faiss(env, tmp_path, monkeypatch):
@@ -442,7 +478,7 @@ def test_ann_auto_threshold_and_missing_faiss(env, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     search.main(argv)
     assert "ann" not in torch.load(out, weights_only=True)
-    with pytest.raises(search.SearchError, match=r"pip install faiss-cpu.*--ann exact"):
+    with pytest.raises(search.SearchError, match=r"pip install faiss-cpu.*--ann none"):
         search.main([*argv, "--ann", "hnsw"])
     query = ["query", "--index", str(env["index"]), *env["base"], "--query", str(env["queries"][0])]
     with pytest.raises(search.SearchError, match=r"pip install faiss-cpu"):

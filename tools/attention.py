@@ -44,7 +44,7 @@ from tools.search import (
     build_search_model,
     check_sie_ids,
     command_ids,
-    list_image_files,
+    list_sources,
     setup_command,
 )
 from utils.checkpoint import atomic_write
@@ -255,10 +255,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.max_images < 1 or args.tile_height < 1:
         raise SearchError("--max-images and --tile-height must be positive")
     cfg, device, _ = setup_command(args)
-    paths = [p for src in args.images for p in list_image_files(src, "--images")]
-    paths = paths[: args.max_images]
+    paths, names = list_sources(args.images, "--images")
+    paths, names = paths[: args.max_images], names[: args.max_images]
+    cams, views = command_ids(args, names)
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
-    cams, views = command_ids(args, paths)
     check_sie_ids(cfg, model, cams, views)
     warn_sie_fallback(model, cams, views, cfg.TEST.SIE_FALLBACK)
     size = (int(cfg.INPUT.SIZE_TEST[0]), int(cfg.INPUT.SIZE_TEST[1]))

@@ -29,10 +29,11 @@ the folder's images an existing index does not hold yet (same settings, checked)
 Camera ids of arbitrary folders are unknown. For a model with SIE (``MODEL.SIE_CAMERA`` /
 ``MODEL.SIE_VIEW``) pass ``--camid N`` / ``--viewid N`` (one 0-based id for every image of the
 command, e.g. the query camera's id) or ``--camid-pattern REGEX`` / ``--viewid-pattern REGEX``
-(one id per image: the number the first group finds in its path, minus ``--id-base``); an id
-not given gets the SIE fallback ``TEST.SIE_FALLBACK`` ('mean': the mean of the rows it could
-select; 'none': no SIE vector), with a warning. An index built with the fallback records it, and
-a query that uses the fallback too must use the same one.
+(one id per image: the number the first group finds in its path below the folder given, minus
+``--camid-base`` / ``--viewid-base``); an id not given gets the SIE fallback
+``TEST.SIE_FALLBACK`` ('mean': the mean of the rows it could select; 'none': no SIE vector), with
+a warning. An index built with the fallback records it, and a query that uses the fallback too
+must use the same one.
 """
 
 from __future__ import annotations
@@ -156,6 +157,30 @@ def uses_sie_fallback(cfg: CfgNode, camid: Ids, viewid: Ids) -> bool:
     return bool(cfg.MODEL.SIE_CAMERA and camid is None or cfg.MODEL.SIE_VIEW and viewid is None)
 
 
+def list_sources(sources: Sequence[str], what: str) -> tuple[list[str], list[str]]:
+    """The images of several files or folders, and each one's name below its folder.
+
+    Args:
+        sources: image files or folders (searched recursively).
+        what: the argument's name for error messages (e.g. '--query').
+
+    Returns:
+        (absolute paths, names): a name is the path below the folder given (a file given itself:
+        its file name); ``--camid-pattern`` / ``--viewid-pattern`` are matched on it.
+
+    Raises:
+        SearchError: see :func:`list_image_files`.
+    """
+    paths: list[str] = []
+    names: list[str] = []
+    for source in sources:
+        found = list_image_files(source, what)
+        root = Path(source).expanduser().resolve()
+        paths += found
+        names += [root.name if root.is_file() else os.path.relpath(f, root) for f in found]
+    return paths, names
+
+
 def feature_settings(cfg: CfgNode, weights_sha256: str, sie_fallback: bool) -> dict[str, Any]:
     """The settings that determine the features: ``FEATURE_KEYS`` and the weights.
 
@@ -205,20 +230,22 @@ def build_search_model(cfg: CfgNode, weights: str, num_views: int | None = None)
 Ids = int | list[int] | None  # one id for every image, one per image, or none
 
 
-def ids_from_paths(paths: Sequence[str], pattern: str, base: int, flag: str) -> list[int]:
-    """One id per image: the number a regular expression's first group finds in its path.
+def ids_from_names(names: Sequence[str], pattern: str, base: int, flag: str) -> list[int]:
+    """One id per image: the number a regular expression's first group finds in its name.
 
     Args:
-        paths: image paths.
-        pattern: the expression (``re.search`` in each path), e.g. ``'_c(\\d+)s'``.
+        names: the images' names below the folders given (:func:`list_sources`), so that a
+            number in the folders above cannot match.
+        pattern: the expression (``re.search`` in each name), e.g. ``'_c(\\d+)s'`` or
+            ``'^cam(\\d+)/'`` for one folder per camera.
         base: subtracted from each number (1 for 1-based camera names such as Market-1501's).
         flag: the option, for messages.
 
     Returns:
-        ``int(group 1) - base`` per path.
+        ``int(group 1) - base`` per name.
 
     Raises:
-        SearchError: an invalid expression, one without a group, or a path it finds no number in.
+        SearchError: an invalid expression, one without a group, or a name it finds no number in.
     """
     try:
         rx = re.compile(pattern)
@@ -229,41 +256,42 @@ def ids_from_paths(paths: Sequence[str], pattern: str, base: int, flag: str) -> 
             f"{flag} {pattern!r} has no group: put the id's digits in parentheses, e.g. '_c(\\d+)s'"
         )
     ids = []
-    for path in paths:
-        m = rx.search(path)
-        if m is None or not (m.group(1) or "").isdigit():
-            raise SearchError(f"{flag} {pattern!r} finds no number in {path!r}")
+    for name in names:
+        m = rx.search(name)
+        if m is None or not (m.group(1) or "").isdecimal():
+            raise SearchError(f"{flag} {pattern!r} finds no number in {name!r}")
         ids.append(int(m.group(1)) - base)
     return ids
 
 
-def command_ids(args: argparse.Namespace, paths: Sequence[str]) -> tuple[Ids, Ids]:
+def command_ids(args: argparse.Namespace, names: Sequence[str]) -> tuple[Ids, Ids]:
     """The camera and viewpoint ids of a command's images (see :func:`add_model_arguments`).
 
     Args:
         args: the parsed ``--camid`` / ``--viewid``, ``--camid-pattern`` / ``--viewid-pattern``
-            and ``--id-base``.
-        paths: the command's images.
+            and ``--camid-base`` / ``--viewid-base``.
+        names: the images' names below their folders (:func:`list_sources`).
 
     Returns:
         (camera ids, viewpoint ids): each one int for all images, a list of one per image, or
         None (not given: the SIE fallback applies).
 
     Raises:
-        SearchError: an id given both ways, or a pattern that does not fit (see
-            :func:`ids_from_paths`).
+        SearchError: an id given both ways, a base without its pattern, or a pattern that does
+            not fit (see :func:`ids_from_names`).
     """
     out: list[Ids] = []
-    for flag, value, pattern in (
-        ("--camid", args.camid, args.camid_pattern),
-        ("--viewid", args.viewid, args.viewid_pattern),
-    ):
+    for kind in ("camid", "viewid"):
+        value, pattern = getattr(args, kind), getattr(args, f"{kind}_pattern")
+        base = getattr(args, f"{kind}_base")
         if pattern is None:
+            if base:
+                raise SearchError(f"--{kind}-base applies to --{kind}-pattern only; remove it")
             out.append(value)
         elif value is not None:
-            raise SearchError(f"{flag} and {flag}-pattern are both given; use one")
+            raise SearchError(f"--{kind} and --{kind}-pattern are both given; use one")
         else:
-            out.append(ids_from_paths(paths, pattern, args.id_base, f"{flag}-pattern"))
+            out.append(ids_from_names(names, pattern, base, f"--{kind}-pattern"))
     return out[0], out[1]
 
 
@@ -297,13 +325,14 @@ def check_sie_ids(cfg: CfgNode, model: ReIDModel, camid: Ids, viewid: Ids) -> No
         if value is None:
             continue
         if not enabled:
-            raise SearchError(f"{flag} is only used with {key} True; remove it")
+            used = f"{flag}-pattern" if isinstance(value, list) else flag
+            raise SearchError(f"{used} is only used with {key} True; remove it")
         if isinstance(value, int) and not 0 <= value < count:
             raise SearchError(f"{flag} {value} is outside 0..{count - 1} (the SIE table's rows)")
         if isinstance(value, list) and value and not 0 <= min(value) <= max(value) < count:
             raise SearchError(
-                f"{flag}-pattern gives ids {min(value)}..{max(value)} (after --id-base), outside "
-                f"0..{count - 1} (the SIE table's rows)"
+                f"{flag}-pattern gives ids {min(value)}..{max(value)} (after {flag}-base), "
+                f"outside 0..{count - 1} (the SIE table's rows)"
             )
 
 
@@ -416,7 +445,10 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
 
     With ``--append`` and an existing ``--out``, only the folder's images the index does not
     hold yet are extracted and added (the index's model and feature settings must be the
-    command's; its precision is kept, its approximate index rebuilt over all images).
+    command's; images gone from the folder stay in it). The index keeps its precision and its
+    kind of approximate index (rebuilt over all images) unless ``--dtype`` / ``--ann`` say
+    otherwise; a differing ``--dtype`` is refused (the old features cannot be made exact).
+    Without ``--out`` on disk, ``--append`` builds a new index.
 
     Args:
         args: parsed ``index`` arguments (config_file, weights, gallery, out, dtype, ann, append,
@@ -429,25 +461,40 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
         'data': the serialised faiss index}).
     """
     cfg, device, sha = setup_command(args)
-    old = load_index(args.out) if args.append and os.path.isfile(args.out) else None
-    paths = list_image_files(args.gallery, "--gallery")
+    old = load_index(args.out, "--out") if args.append and os.path.isfile(args.out) else None
+    paths, names = list_sources([args.gallery], "--gallery")
     if old is not None:
         known = set(old["paths"])
-        paths = [p for p in paths if p not in known]
-    camid, viewid = command_ids(args, paths)
+        kept = [i for i, p in enumerate(paths) if p not in known]
+        paths, names = [paths[i] for i in kept], [names[i] for i in kept]
+    camid, viewid = command_ids(args, names)
     settings = feature_settings(cfg, sha, uses_sie_fallback(cfg, camid, viewid))
+    dtype_name = args.dtype or "float32"
+    ann = args.ann or "auto"
+    total = len(paths)
     if old is not None:
         check_index(old, settings, args.out, "append")
+        dtype_name = str(old["features"].dtype).removeprefix("torch.")
+        if args.dtype not in (None, dtype_name):
+            raise SearchError(
+                f"--out {args.out!r} holds {dtype_name} features: --dtype {args.dtype} does not "
+                "apply to --append (rebuild the index without --append to change it)"
+            )
+        if args.ann is None:
+            ann = old["ann"]["kind"] if "ann" in old else "none"
+        total += len(old["paths"])
         if not paths:
             logger.info("%s holds every image of %s already: unchanged", args.out, args.gallery)
             return old
+    kind = _index_ann_kind(ann, total)
+    if kind is not None and not faiss_available():  # before the extraction, not after
+        raise SearchError(f"--ann {kind} needs faiss (pip install faiss-cpu); or use --ann none")
     logger.info("indexing %d gallery images of %s on %s", len(paths), args.gallery, device)
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
     feats = compute_features(model, cfg, paths, device, camid, viewid)
-    dtype = torch.float16 if args.dtype == "float16" else torch.float32
     index = {
         "version": INDEX_VERSION,
-        "features": feats.to(dtype),
+        "features": feats.to(getattr(torch, dtype_name)),
         "paths": paths,
         "settings": settings,
         "config": cfg.dump(),
@@ -458,16 +505,12 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
         "camid": camid,
         "viewid": viewid,
     }
-    kind = _index_ann_kind(args.ann, len(paths))
     if old is not None:
         index = _appended(old, index)
-        kind = (
-            old["ann"]["kind"] if "ann" in old else _index_ann_kind(args.ann, len(index["paths"]))
-        )
     if kind is not None:
         params = AnnParams()
-        ann = _faiss_call(build_ann, index["features"], kind, index["metric"], params)
-        index["ann"] = {"kind": kind, "params": params.as_dict(), "data": serialize_ann(ann)}
+        built = _faiss_call(build_ann, index["features"], kind, index["metric"], params)
+        index["ann"] = {"kind": kind, "params": params.as_dict(), "data": serialize_ann(built)}
     save_checkpoint(index, args.out)
     n, dim = index["features"].shape
     logger.info("index of %d x %d features written to %s", n, dim, args.out)
@@ -475,18 +518,18 @@ def build_index(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _appended(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """An index holding ``old``'s images then ``new``'s (same model and settings, checked)."""
+    """An index holding ``old``'s images then ``new``'s (same model, settings and precision)."""
 
     def per_image(ids: Ids, n: int) -> list[int | None]:
         return list(ids) if isinstance(ids, list) else [ids] * n
 
     n_old, n_new = len(old["paths"]), len(new["paths"])
-    out = {**new, "features": torch.cat([old["features"], new["features"].to(old["features"])])}
+    out = {**new, "features": torch.cat([old["features"], new["features"]])}
     out["paths"] = old["paths"] + new["paths"]
     out["settings"] = {**new["settings"], **old["settings"]}  # the fallback, if either used it
     for key in ("camid", "viewid"):
         ids = per_image(old[key], n_old) + per_image(new[key], n_new)
-        out[key] = None if all(i is None for i in ids) else ids
+        out[key] = ids[0] if len(set(ids)) == 1 else ids  # one id (or None) for all stays one
     return out
 
 
@@ -558,11 +601,12 @@ def search_gallery(
     return scores, idx, kind
 
 
-def load_index(path: str) -> dict[str, Any]:
+def load_index(path: str, flag: str = "--index") -> dict[str, Any]:
     """Read an index written by ``index``.
 
     Args:
         path: the index file.
+        flag: the option that named it, for messages.
 
     Returns:
         The index dict.
@@ -572,10 +616,10 @@ def load_index(path: str) -> dict[str, Any]:
         utils.checkpoint.CheckpointFormatError: the file is not readable as plain data.
     """
     if not os.path.isfile(path):
-        raise SearchError(f"--index {path!r} does not exist (build it with the 'index' command)")
-    index = read_checkpoint(path, "--index", "a search index written by the 'index' command")
+        raise SearchError(f"{flag} {path!r} does not exist (build it with the 'index' command)")
+    index = read_checkpoint(path, flag, "a search index written by the 'index' command")
     if not isinstance(index, dict) or index.get("version") != INDEX_VERSION:
-        raise SearchError(f"--index {path!r} is not a search index of version {INDEX_VERSION}")
+        raise SearchError(f"{flag} {path!r} is not a search index of version {INDEX_VERSION}")
     return index
 
 
@@ -627,8 +671,8 @@ def run_query(args: argparse.Namespace) -> dict[str, Any]:
     cfg, device, sha = setup_command(args)
     if args.topk < 1:
         raise SearchError(f"--topk must be positive, got {args.topk}")
-    paths = [p for q in args.query for p in list_image_files(q, "--query")]
-    camid, viewid = command_ids(args, paths)
+    paths, names = list_sources(args.query, "--query")
+    camid, viewid = command_ids(args, names)
     fallback = uses_sie_fallback(cfg, camid, viewid)
     check_index(index, feature_settings(cfg, sha, fallback), args.index)
     model = build_search_model(cfg, args.weights, args.num_views).to(device)
@@ -682,8 +726,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, sie: bool = True) -> No
     Args:
         parser: the command's parser.
         sie: also the SIE ids of the images (folders carry none): ``--camid`` / ``--viewid``
-            (one for all), ``--camid-pattern`` / ``--viewid-pattern`` and ``--id-base`` (one per
-            image, from its path; see :func:`command_ids`).
+            (one for all), ``--camid-pattern`` / ``--viewid-pattern`` with ``--camid-base`` /
+            ``--viewid-base`` (one per image, from its path; see :func:`command_ids`).
     """
     add_config_argument(parser, required=True)
     parser.add_argument("--weights", required=True, help="trained checkpoint (.pth)")
@@ -700,16 +744,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, sie: bool = True) -> No
                 f"--{kind}-pattern",
                 default=None,
                 metavar="REGEX",
-                help=f"{what} id of each image: the number REGEX's first group finds in its path, "
-                "minus --id-base",
+                help=f"{what} id of each image: the number REGEX's first group finds in its path "
+                f"below the folder given, minus --{kind}-base",
             )
-        parser.add_argument(
-            "--id-base",
-            type=int,
-            default=0,
-            help="subtracted from the numbers the patterns find (1 for 1-based names: "
-            "--camid-pattern '_c(\\d+)s' --id-base 1 for Market-1501's)",
-        )
+            parser.add_argument(
+                f"--{kind}-base",
+                type=int,
+                default=0,
+                help=f"subtracted from the numbers --{kind}-pattern finds (1 for 1-based names)",
+            )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -726,21 +769,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=("float32", "float16"),
-        default="float32",
-        help="stored feature precision; float16 halves the file, ranks are scored in float32",
+        default=None,
+        help="stored feature precision (default float32; --append: the index's); float16 "
+        "halves the file, ranks are scored in float32",
     )
     p.add_argument(
         "--ann",
         choices=("auto", "none", *ANN_KINDS),
-        default="auto",
-        help="also store an approximate index (needs faiss); auto: "
-        f"{ANN_AUTO_KIND} from {ANN_AUTO_MIN} images on when faiss is installed",
+        default=None,
+        help="also store an approximate index (needs faiss); auto (default; --append: the "
+        f"index's kind): {ANN_AUTO_KIND} from {ANN_AUTO_MIN} images on when faiss is installed",
     )
     p.add_argument(
         "--append",
         action="store_true",
         help="add the folder's images that --out does not hold yet to it (same model and "
-        "settings; the others are not extracted again)",
+        "settings; the others are not extracted again; without --out: a new index)",
     )
     q = sub.add_parser(
         "query",
