@@ -172,6 +172,7 @@ def cluster_pseudo_labels(feats: torch.Tensor, settings: ClusterSettings) -> np.
     """
     from scipy.sparse import csr_matrix
     from sklearn.cluster import DBSCAN
+    from sklearn.neighbors import sort_graph_by_row_values
 
     n = feats.shape[0]
     x = F.normalize(feats.detach().float(), dim=1)
@@ -181,6 +182,9 @@ def cluster_pseudo_labels(feats: torch.Tensor, settings: ClusterSettings) -> np.
     graph = csr_matrix(
         (dists.cpu().double().numpy(), (rows.cpu().numpy(), cols.cpu().numpy())), shape=(n, n)
     )
+    # Each row's entries by distance, as scikit-learn's precomputed neighbour graphs expect
+    # (unsorted, some versions sort a copy and warn at every epoch); the clusters are the same.
+    graph = sort_graph_by_row_values(graph, copy=False, warn_when_not_sorted=False)
     raw = DBSCAN(eps=settings.eps, min_samples=settings.min_samples, metric="precomputed")
     raw = raw.fit_predict(graph)
     labels = np.full(n, -1, dtype=np.int64)
