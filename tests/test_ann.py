@@ -70,6 +70,20 @@ def test_hnsw_recall_and_exact_scores(metric):
     assert (np.diff(scores.numpy(), axis=1) <= 1e-6).all()  # best first
 
 
+def test_hnsw_candidates_by_gallery_size_and_kept_on_storage():
+    from utils.ann import EF_SEARCH_LARGE_FROM, default_ef_search
+
+    # Measured (docs/benchmarks.md): 64 enough at 200k, 128 needed at 1M.
+    assert default_ef_search(200_000) == 64 and default_ef_search(1_000_000) == 128
+    assert default_ef_search(EF_SEARCH_LARGE_FROM - 1) == 64
+    assert default_ef_search(EF_SEARCH_LARGE_FROM) == 128
+    g, _ = _clustered(n=500, seed=4)
+    index = build_ann(g, "hnsw", "cosine")
+    assert index.hnsw.efSearch == 64
+    assert deserialize_ann(serialize_ann(index), None, None).hnsw.efSearch == 64
+    assert build_ann(g, "hnsw", "cosine", AnnParams(ef_search=40)).hnsw.efSearch == 40
+
+
 def test_few_probes_miss_items_and_storage_round_trip():
     g, q = _clustered(n=3000, clusters=60, seed=2)
     index = build_ann(g, "ivf", "cosine", AnnParams(nlist=50, nprobe=1))

@@ -810,7 +810,9 @@ def _parser() -> argparse.ArgumentParser:
         "an approximate index (stored, or built for this command; needs faiss)",
     )
     q.add_argument("--nprobe", type=int, default=None, help="IVF cells scanned per query")
-    q.add_argument("--ef-search", type=int, default=None, help="HNSW candidates per query")
+    q.add_argument(
+        "--ef-search", type=int, default=None, help="HNSW candidates per query (default: as built)"
+    )
     q.add_argument(
         "--tile-size",
         type=int,

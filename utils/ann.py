@@ -47,8 +47,8 @@ class AnnParams:
         hnsw_m: graph neighbours per node (memory ~ 2 * M ints per item; 32 is faiss' advice
             for high recall).
         ef_construction: candidates kept while building the graph (quality of the graph).
-        ef_search: candidates explored per query (recall vs speed; at least k); 64 kept 99.98%
-            of the exact top-10 at 28x exact speed on a hard 200k gallery (docs/benchmarks.md).
+        ef_search: candidates explored per query (recall vs speed; at least k); 0 picks
+            :func:`default_ef_search` by gallery size.
         nlist: IVF cells; 0 picks ``sqrt(N)`` (at most ``N / 39``, at least 1).
         nprobe: IVF cells scanned per query (recall vs speed); recall needs more cells on
             galleries without low-rank structure (docs/benchmarks.md).
@@ -57,7 +57,7 @@ class AnnParams:
 
     hnsw_m: int = 32
     ef_construction: int = 80
-    ef_search: int = 64
+    ef_search: int = 0
     nlist: int = 0
     nprobe: int = 32
     seed: int = 0
@@ -97,6 +97,17 @@ def faiss_available() -> bool:
 def default_nlist(n: int) -> int:
     """IVF cells for ``n`` items: ``sqrt(n)``, at most ``n / 39`` (k-means needs rows), >= 1."""
     return max(1, min(round(math.sqrt(n)), n // 39))
+
+
+# HNSW ef_search by gallery size, measured on the hard isotropic 512-d galleries of
+# docs/benchmarks.md: 64 kept 99.98% of the exact top-10 at 200k (28x exact speed) but 96.4% at
+# 1M, where 128 keeps 99.2% (26x); so 128 from a little above the size where 64 was shown enough.
+EF_SEARCH_SMALL, EF_SEARCH_LARGE, EF_SEARCH_LARGE_FROM = 64, 128, 250_000
+
+
+def default_ef_search(n: int) -> int:
+    """HNSW candidates per query for ``n`` gallery items (see ``EF_SEARCH_LARGE_FROM``)."""
+    return EF_SEARCH_LARGE if n >= EF_SEARCH_LARGE_FROM else EF_SEARCH_SMALL
 
 
 def _rows(x: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -150,7 +161,7 @@ def build_ann(
         sample = x if take == n else x[np.sort(rng.choice(n, size=take, replace=False))]
         index.train(sample)
         index.add(x)
-    set_search_params(index, params.ef_search, params.nprobe)
+    set_search_params(index, params.ef_search or default_ef_search(n), params.nprobe)
     logger.info(
         "%s index of %d x %d features (%s) built in %.1f s",
         kind,
